@@ -1,0 +1,104 @@
+"""Dagster resources: run-wide settings, the on-disk workspace, DVC versioning and MLflow tracking.
+
+Every path a resource hands out is absolute: DVC and MLflow resolve relative paths against the
+process's working directory, which differs between ``dagster dev``, its run workers and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+
+def _absolute(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_absolute():
+        raise ValueError(f"{what} must be an absolute path, got {path!r}")
+    return p
+
+
+def default_project_root() -> Path:
+    """``SKMM_PROJECT_ROOT`` if set, else the current directory (``dagster dev`` runs from the project)."""
+    return Path(os.environ.get("SKMM_PROJECT_ROOT") or os.getcwd()).resolve()
+
+
+class SkmmSettings(dg.ConfigurableResource):
+    """What to select and how. A seed fixes the sketch, the selection and the evaluation."""
+
+    seed: int = 0
+    budget: int = 40
+    method: str = "skmm"
+    sketch_kind: str = "gaussian"
+    sketch_dim: int = 128
+    label_mode: str = "expected"
+    device: str = "auto"
+    batch_size: int = 512
+    pretrain_epochs: int = 40
+    uniform_repeats: int = 5
+
+
+class Workspace(dg.ConfigurableResource):
+    """Where shards land and where models and sketches are written (all under ``root`` by default)."""
+
+    root: str
+    landing_dir: str = ""
+
+    def _root(self) -> Path:
+        return _absolute(self.root, "workspace root")
+
+    @property
+    def landing(self) -> Path:
+        return _absolute(self.landing_dir, "landing_dir") if self.landing_dir else self._root() / ".skmm" / "landing"
+
+    @property
+    def artifacts(self) -> Path:
+        return self._root() / ".skmm" / "artifacts"
+
+    def shard_path(self, name: str) -> Path:
+        from skmm_pipeline.data.shards import check_shard_name
+
+        return self.landing / f"{check_shard_name(name)}.npz"
+
+
+class DvcVersioning(dg.ConfigurableResource):
+    """Subset versions in a git + DVC repository (``data/`` + ``data.dvc``), pushed to a DVC remote."""
+
+    repo_root: str
+    remote_url: str = ""
+
+    def store(self):
+        from skmm_pipeline.versioning.dvc_store import SubsetStore
+
+        return SubsetStore(str(_absolute(self.repo_root, "DVC repo_root")), remote_url=self.remote_url or None)
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """An MLflow store: a sqlite file at an absolute path by default, or a server URL."""
+
+    tracking_uri: str
+    artifact_root: str
+    experiment: str = "skmm"
+
+    def tracker(self):
+        from skmm_pipeline.tracking.mlflow_store import MlflowTracker
+
+        return MlflowTracker(self.tracking_uri, self.artifact_root, self.experiment)
+
+
+def default_resources(root: Path | None = None, remote_url: str = "") -> dict:
+    from skmm_pipeline.tracking.mlflow_store import sqlite_uri
+
+    root = Path(root) if root is not None else default_project_root()
+    _absolute(str(root), "project root")
+    state = root / ".skmm"
+    return {
+        "settings": SkmmSettings(),
+        "workspace": Workspace(root=str(root)),
+        "dvc": DvcVersioning(repo_root=str(root), remote_url=remote_url),
+        "mlflow": MlflowTracking(
+            tracking_uri=sqlite_uri(state / "mlflow" / "mlflow.db"),
+            artifact_root=str(state / "mlflow" / "artifacts"),
+        ),
+    }

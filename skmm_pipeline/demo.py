@@ -1,0 +1,90 @@
+"""The main job on the embedded default: land the digits shards, materialize every asset, report.
+
+Runs through the real Dagster instance in ``DAGSTER_HOME``, so every run, materialization and its
+metadata appear in the Dagster UI afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class SetupError(RuntimeError):
+    """The environment is not set up for a run (e.g. DAGSTER_HOME missing or relative)."""
+
+
+def dagster_home() -> Path:
+    home = os.environ.get("DAGSTER_HOME", "")
+    if not home:
+        raise SetupError("DAGSTER_HOME is not set; run e.g. `export DAGSTER_HOME=$PWD/dagster_home`")
+    path = Path(home)
+    if not path.is_absolute():
+        raise SetupError(f"DAGSTER_HOME must be an absolute path, got {home!r}")
+    if not path.is_dir():
+        raise SetupError(f"DAGSTER_HOME={home} does not exist or is not a directory")
+    return path
+
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def run_demo(
+    root: Path, budget: int = 40, seed: int = 0, n_shards: int = 3, pretrain_epochs: int = 40, log=print
+) -> dict:
+    """Register the embedded shards and materialize the whole graph; returns finetune_eval's record."""
+    import dagster as dg
+
+    from skmm_pipeline.core.validation import check_budget
+    from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
+    from skmm_pipeline.defs.assets import shard_partitions
+    from skmm_pipeline.defs.resources import SkmmSettings
+    from skmm_pipeline.definitions import build_definitions
+
+    dagster_home()
+    root = Path(root).resolve()
+    # Fail before any work if the budget cannot be met by the pool.
+    check_budget(budget, len(load_digits_transfer().pool.labels))
+    settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs)
+    defs = build_definitions(root, settings=settings)
+    workspace = defs.resources["workspace"]
+    names = write_digits_shards(workspace.landing, n_shards)
+
+    instance = dg.DagsterInstance.get()
+    known = set(instance.get_dynamic_partitions(shard_partitions.name))
+    new = [n for n in names if n not in known]
+    if new:
+        instance.add_dynamic_partitions(shard_partitions.name, new)
+
+    def run(job: str, what: str, **kw):
+        log(f"[skmm] {what}")
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=QUIET, **kw)
+        if not result.success:
+            raise RuntimeError(f"job {job!r} failed (run {result.run_id}); see the Dagster UI for the error")
+        return result
+
+    log(f"[skmm] DAGSTER_HOME={dagster_home()}; shards {', '.join(names)} ({len(new)} new)")
+    run("pretrain", "pretrained_model: training the small CNN on digits 0-4")
+    for name in names:
+        run("sketch_shard", f"raw_shard + gradient_sketch [{name}]", partition_key=name)
+    result = run("reselect", f"skmm_selection (n={budget}) -> subset_version (DVC) -> finetune_eval (MLflow)")
+    return result.output_for_node("finetune_eval")
+
+
+def format_report(record: dict) -> str:
+    import pandas as pd
+
+    table = pd.DataFrame(record["rows"])[["method", "n", "test_accuracy", "sem"]]
+    table["test accuracy (%)"] = [
+        f"{100 * a:.1f}" + (f" ± {100 * s:.1f}" if s else "") for a, s in zip(table.test_accuracy, table["sem"])
+    ]
+    table = table[["method", "n", "test accuracy (%)"]]
+    lines = [
+        "",
+        "FT-1 test accuracy on the digits 5-9 test split:",
+        table.to_string(index=False),
+        "",
+        f"subset version (DVC tag): {record['dvc_tag']}   (git show {record['dvc_tag']}; skmm versions list)",
+        f"MLflow run: {record['mlflow_run_id']} in {record['mlflow_tracking_uri']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Backbones and the split between the frozen body and the finetuned head."""

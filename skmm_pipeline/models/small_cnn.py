@@ -1,0 +1,161 @@
+"""The small CNN of the embedded scenario, its pretraining, and batched feature/gradient extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
+from skmm_pipeline.core.sketch import Sketch
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(1->32)-ReLU-conv3x3(32->64)-ReLU-maxpool2-fc(1024->128)-ReLU-head (no BatchNorm)."""
+
+    def __init__(self, num_classes: int = 5, feature_dim: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """The one device of a run: cuda when available (or asked for), else cpu."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+    return torch.device(preference)
+
+
+def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # +-1 pixel translations, one per batch: cheap augmentation that makes the features less brittle.
+    dx, dy = (torch.randint(-1, 2, (2,), generator=gen)).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def pretrain(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    epochs: int = 40,
+    seed: int = 0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> SmallCNN:
+    """Train the CNN on the source task; deterministic for a seed on a given device."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = SmallCNN(num_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    X = torch.as_tensor(images)
+    y = torch.as_tensor(labels)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=gen)
+        for start in range(0, len(X), batch_size):
+            b = perm[start : start + batch_size]
+            xb = _random_shift(X[b], gen).to(device)
+            loss = nn.functional.cross_entropy(model(xb), y[b].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device="cpu") -> float:
+    logits = torch.cat([model(x.to(device)).cpu() for x in torch.as_tensor(images).split(512)])
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def state_dict_id(model: nn.Module) -> str:
+    """A content hash of the weights: the model's identity in sketch headers and lineage."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(model: SmallCNN) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"num_classes": model.num_classes, "state_dict": model.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load_model(path: Path, device="cpu") -> SmallCNN:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = SmallCNN(int(blob["num_classes"]))
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(f"cannot load model weights from {path}: {exc}") from exc
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def extract_features(model: SmallCNN, images: np.ndarray, batch_size: int = 512, device="cpu") -> np.ndarray:
+    """Penultimate features (N x feature_dim), body in eval mode."""
+    model.eval()
+    out = [model.body(x.to(device)).cpu() for x in torch.as_tensor(images).split(batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def sketch_head_gradients(
+    model: SmallCNN,
+    images: np.ndarray,
+    sketch: Sketch,
+    label_mode: str = "expected",
+    labels: np.ndarray | None = None,
+    batch_size: int = 512,
+    device="cpu",
+) -> np.ndarray:
+    """Sketched per-sample head gradients (N x m, float32), streamed batch by batch.
+
+    Only one batch of gradient rows exists at a time; memory is O(batch_size * r + N * m).
+    """
+    expected_dim = gradient_dim(model.feature_dim, model.num_classes, label_mode)
+    if sketch.input_dim != expected_dim:
+        raise ValueError(f"sketch input_dim {sketch.input_dim} != gradient dimension {expected_dim} ({label_mode})")
+    model.eval()
+    X = torch.as_tensor(images)
+    Y = None if labels is None else torch.as_tensor(labels)
+    out = np.empty((len(X), sketch.sketch_dim), dtype=np.float32)
+    for start in range(0, len(X), batch_size):
+        xb = X[start : start + batch_size].to(device)
+        feats = model.body(xb)
+        logits = model.head(feats)
+        yb = None if Y is None else Y[start : start + batch_size]
+        rows = head_gradient_rows(feats, logits, label_mode, yb)
+        out[start : start + len(xb)] = sketch.apply(rows).cpu().numpy()
+    return out

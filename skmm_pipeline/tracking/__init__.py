@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow) with explicit run ids; runs always end FINISHED or FAILED."""
