@@ -47,6 +47,8 @@ def run_demo(
     check_budget(budget, len(load_digits_transfer().pool.labels))
     settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs)
     defs = build_definitions(root, settings=settings)
+    # A dirty data/ would make the versioning step fail after all the work: refuse up front.
+    defs.resources["dvc"].store().check_clean()
     workspace = defs.resources["workspace"]
     names = write_digits_shards(workspace.landing, n_shards)
 

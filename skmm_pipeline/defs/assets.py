@@ -20,7 +20,7 @@ import numpy as np
 from skmm_pipeline.defs.resources import DvcVersioning, MlflowTracking, SkmmSettings, Workspace
 
 # Content-hash data versions on outputs are how unchanged shards are recognised; the API is marked beta.
-warnings.filterwarnings("ignore", category=dg.BetaWarning, module=__name__)
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 

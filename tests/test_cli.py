@@ -1,0 +1,67 @@
+"""The ``skmm`` command line, run as a user would (real subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from skmm_pipeline.defs.assets import load_sketches
+
+
+def skmm(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "skmm_pipeline.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_select_writes_indices_and_diagnostics(tmp_path):
+    X = np.random.default_rng(0).normal(size=(50, 6))
+    np.save(tmp_path / "X.npy", X)
+    out = tmp_path / "idx.npy"
+    proc = skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "7", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    idx = np.load(out)
+    assert idx.shape == (7,) and len(set(idx.tolist())) == 7
+    diag = json.loads(out.with_suffix(".json").read_text())
+    assert diag["method"] == "skmm" and diag["n"] == 7 and "moment_ratio" in diag
+    again = tmp_path / "again.npy"
+    skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "7", "--output", str(again))
+    assert np.array_equal(np.load(again), idx)
+
+
+def test_select_bad_input_gives_one_clear_line(tmp_path):
+    X = np.ones((5, 3))
+    X[2, 0] = np.inf
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "Y.npy", np.ones((5, 3)))
+    for name, n, msg in (("X", "3", "non-finite"), ("Y", "0", "must be positive"), ("Y", "9", "larger than the pool")):
+        proc = skmm("select", "--input", str(tmp_path / f"{name}.npy"), "--n", n, "--output", str(tmp_path / "o.npy"))
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_versions_list_on_a_repo_without_versions(project):
+    proc = skmm("versions", "list", "--repo", str(project))
+    assert proc.returncode == 0 and "no subset versions" in proc.stdout
+
+
+def test_demo_refuses_relative_dagster_home(project):
+    proc = skmm("demo", "--root", str(project), env={**os.environ, "DAGSTER_HOME": "dagster_home"})
+    assert proc.returncode == 2 and "DAGSTER_HOME must be an absolute path" in proc.stderr
+
+
+def test_sketches_with_different_identities_are_never_joined(tmp_path):
+    def shard(name, seed):
+        path = tmp_path / f"{name}.npz"
+        ident = json.dumps({"kind": "gaussian", "seed": seed, "sketch_dim": 4})
+        np.savez(path, sketch=np.ones((2, 4), np.float32), ids=np.array([f"{name}/0", f"{name}/1"]), identity=np.array(ident))
+        return {"path": str(path)}
+
+    G, ids, ident = load_sketches({"b": shard("b", 0), "a": shard("a", 0)})
+    assert G.shape == (4, 4) and ids == ["a/0", "a/1", "b/0", "b/1"] and ident["seed"] == 0
+    with pytest.raises(ValueError, match="re-materialize gradient_sketch"):
+        load_sketches({"a": shard("a", 0), "c": shard("c", 1)})
+    with pytest.raises(ValueError, match="no shard sketches"):
+        load_sketches({})

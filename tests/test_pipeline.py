@@ -1,0 +1,149 @@
+"""The whole pipeline on a tiny configuration: real Dagster instance, real git+DVC repo, real MLflow store."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import git
+from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.data.shards import ShardError, write_shard
+from skmm_pipeline.definitions import build_definitions
+from skmm_pipeline.defs.assets import ALL_ASSETS, shard_partitions
+from skmm_pipeline.defs.resources import SkmmSettings
+from skmm_pipeline.demo import SetupError, run_demo
+from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersionError
+
+TINY = dict(budget=10, pretrain_epochs=2, log=lambda *_: None)
+
+
+@pytest.fixture
+def versioned_project(project: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The temp project with DVC initialised and a local directory remote."""
+    remote = tmp_path / "dvc-remote"
+    SubsetStore(str(project), remote_url=str(remote)).ensure_initialized()
+    return project, remote
+
+
+def test_definitions_load_and_selection_parser_works(tmp_path):
+    defs = build_definitions(tmp_path)
+    dg.Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "skmm_selection", "subset_version", "finetune_eval"}
+    for job in ("pretrain", "sketch_shard", "reselect"):
+        defs.resolve_job_def(job)
+    # Regression guard for the antlr4 pin conflict between DVC's hydra and Dagster's parser.
+    assert dg.AssetSelection.from_string("key:raw_shard") is not None
+
+
+def test_cli_materializes_one_asset_by_selection_string(project, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SKMM_PROJECT_ROOT": str(project)}
+    config = {"resources": {"settings": {"config": {"pretrain_epochs": 1}}}}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "skmm_pipeline.definitions",
+         "--select", "pretrained_model", "--config-json", json.dumps(config)],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.get_latest_materialization_event(dg.AssetKey("pretrained_model")) is not None
+    assert list((project / ".skmm" / "artifacts" / "models").glob("small_cnn-*.pt"))
+
+
+def test_demo_end_to_end_twice(versioned_project, dagster_home):
+    project, remote = versioned_project
+    head_before = git(project, "rev-parse", "HEAD")
+
+    first = run_demo(project, **TINY)
+    manifest_v1 = (project / "data" / "manifest.json").read_bytes()
+    subset_v1 = (project / "data" / "subset.csv").read_text()
+    sketch_files = sorted((project / ".skmm" / "artifacts" / "sketches").rglob("*.npz"))
+    assert [p.name for p in sketch_files] == ["digits-000.npz", "digits-001.npz", "digits-002.npz"]
+    sketches_v1 = [np.load(p)["sketch"] for p in sketch_files]
+
+    second = run_demo(project, **TINY)
+    assert (first["dvc_tag"], second["dvc_tag"]) == ("subset-v0001", "subset-v0002")
+
+    # Same seed, same sketch and same subset; the user's branch never receives a commit.
+    assert all(np.array_equal(a, np.load(p)["sketch"]) for a, p in zip(sketches_v1, sketch_files))
+    assert (project / "data" / "subset.csv").read_text() == subset_v1
+    assert git(project, "rev-parse", "HEAD") == head_before
+    assert git(project, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+
+    # The subset is a real DVC version: tag on the history ref, data pushed, old version readable.
+    store = SubsetStore(str(project))
+    assert [v.tag for v in store.list_versions()] == ["subset-v0001", "subset-v0002"]
+    assert store.read_file("subset-v0001", "manifest.json") == manifest_v1
+    assert any(p.is_file() for p in remote.rglob("*"))
+    subset = subset_v1.splitlines()
+    assert subset[0] == "sample_id,shard,row,weight,rank" and len(subset) == 1 + 10
+    assert json.loads(manifest_v1)["budget"] == 10
+
+    # MLflow: a FINISHED run with the expected params and metrics, linked to Dagster and DVC.
+    run = MlflowClient(second["mlflow_tracking_uri"]).get_run(second["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["budget"] == "10" and run.data.params["method"] == "skmm"
+    assert run.data.tags["dvc.tag"] == "subset-v0002"
+    for key in ("acc_skmm", "acc_uniform_mean", "acc_full_pool"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert run.data.metrics["acc_full_pool"] > 0.5
+
+    # Every asset was materialized in the DAGSTER_HOME instance, with UI metadata.
+    instance = dg.DagsterInstance.get()
+    for asset in ALL_ASSETS:
+        assert instance.get_latest_materialization_event(asset.key) is not None, asset.key
+    meta = instance.get_latest_materialization_event(dg.AssetKey("finetune_eval")).asset_materialization.metadata
+    assert "results" in meta and "mlflow_run_id" in meta
+
+
+def test_bad_budget_and_dagster_home_fail_before_any_work(versioned_project, dagster_home, monkeypatch):
+    project, _ = versioned_project
+    for budget, msg in ((0, "must be positive"), (-1, "must be positive"), (10_000, "larger than the pool")):
+        with pytest.raises(InputError, match=msg):
+            run_demo(project, **{**TINY, "budget": budget})
+    monkeypatch.setenv("DAGSTER_HOME", "relative/home")
+    with pytest.raises(SetupError, match="must be an absolute path"):
+        run_demo(project, **TINY)
+    monkeypatch.delenv("DAGSTER_HOME")
+    with pytest.raises(SetupError, match="not set"):
+        run_demo(project, **TINY)
+    assert SubsetStore(str(project)).list_versions() == []
+
+
+def test_missing_or_corrupt_shard_fails_with_clear_error_and_no_version(versioned_project):
+    project, _ = versioned_project
+    defs = build_definitions(project, settings=SkmmSettings(budget=5, pretrain_epochs=1))
+    landing = defs.resources["workspace"].landing
+    landing.mkdir(parents=True)
+    (landing / "broken.npz").write_bytes(b"not a zip file")
+    write_shard(landing / "empty.npz", np.zeros((0, 1, 8, 8)))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, ["gone", "broken", "empty"])
+        job = defs.resolve_job_def("sketch_shard")
+        for key, msg in (("gone", "not found"), ("broken", "unreadable or corrupt"), ("empty", "is empty")):
+            with pytest.raises(ShardError, match=msg):
+                job.execute_in_process(instance=instance, partition_key=key)
+        # Nothing downstream can run without sketches, and no subset version is written.
+        result = defs.resolve_job_def("reselect").execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+    assert SubsetStore(str(project)).list_versions() == []
+
+
+def test_failed_versioning_keeps_last_good_version(versioned_project, dagster_home):
+    project, _ = versioned_project
+    run_demo(project, **TINY)
+    good = (project / "data" / "subset.csv").read_bytes()
+    (project / "data" / "subset.csv").write_text("edited by hand\n")
+    with pytest.raises(SubsetVersionError, match="local modifications"):
+        run_demo(project, **TINY)
+    store = SubsetStore(str(project))
+    assert [v.tag for v in store.list_versions()] == ["subset-v0001"]
+    assert store.read_file("subset-v0001", "subset.csv") == good
