@@ -39,6 +39,7 @@ def run_demo(
     from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
     from skmm_pipeline.defs.assets import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
+    from skmm_pipeline.defs.sensors import scan_landing
     from skmm_pipeline.definitions import build_definitions
 
     dagster_home()
@@ -50,13 +51,21 @@ def run_demo(
     # A dirty data/ would make the versioning step fail after all the work: refuse up front.
     defs.resources["dvc"].store().check_clean()
     workspace = defs.resources["workspace"]
-    names = write_digits_shards(workspace.landing, n_shards)
+    write_digits_shards(workspace.landing, n_shards)
+    # Every shard in the landing folder takes part, including ones added with `skmm shards add`.
+    names, refused = scan_landing(workspace.landing)
+    names = sorted(names)
+    if refused:
+        log(f"[skmm] ignoring shard files with unsafe names: {refused}")
 
     instance = dg.DagsterInstance.get()
     known = set(instance.get_dynamic_partitions(shard_partitions.name))
     new = [n for n in names if n not in known]
     if new:
         instance.add_dynamic_partitions(shard_partitions.name, new)
+    for gone in sorted(known - set(names)):
+        log(f"[skmm] shard {gone!r} is no longer in {workspace.landing}; removing its partition")
+        instance.delete_dynamic_partition(shard_partitions.name, gone)
 
     def run(job: str, what: str, **kw):
         log(f"[skmm] {what}")

@@ -74,3 +74,35 @@ def write_digits_shards(landing_dir: Path, n_shards: int = 3, overwrite: bool = 
             write_shard(path, part.images, part.labels)
         names.append(name)
     return names
+
+
+def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: int = 100, seed: int = 0) -> str:
+    """Land a new delivery for the demo: ``count`` target-task digits, each a fresh variant of a pool
+    image (random +-1 pixel shift and mild pixel noise), so growth can be tried without a download.
+
+    Returns the shard name (``digits-new-<k>`` by default, the first unused k).
+    """
+    from skmm_pipeline.data.shards import ShardError, check_shard_name
+
+    landing_dir = Path(landing_dir)
+    if name is None:
+        k = 0
+        while (landing_dir / f"digits-new-{k:03d}.npz").exists():
+            k += 1
+        name = f"digits-new-{k:03d}"
+    check_shard_name(name)
+    path = landing_dir / f"{name}.npz"
+    if path.exists():
+        raise ShardError(f"shard {name!r} already exists at {path}; shards are immutable deliveries")
+    if count <= 0:
+        raise ShardError(f"a shard needs at least one sample, got count={count}")
+    pool = load_digits_transfer().pool
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pool.labels), size=count)
+    images = pool.images[idx].copy()
+    shifts = rng.integers(-1, 2, size=(count, 2))
+    for i, (dy, dx) in enumerate(shifts):
+        images[i] = np.roll(images[i], shift=(int(dy), int(dx)), axis=(1, 2))
+    images = np.clip(images + rng.normal(0, 0.05, size=images.shape), 0, 1).astype(np.float32)
+    write_shard(path, images, pool.labels[idx])
+    return name

@@ -31,6 +31,11 @@ def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fingerprint_of(sketch_versions: dict[str, str]) -> str:
+    """Identifies the set of shard sketches a selection was made from (shard -> sketch data version)."""
+    return _json_hash(sorted(sketch_versions.items()))
+
+
 def _md_table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -134,10 +139,17 @@ def gradient_sketch(
     seconds = time.perf_counter() - t0
     path = workspace.artifacts / "sketches" / _json_hash(identity) / f"{shard.name}.npz"
     atomic_save_npz(path, sketch=G, ids=np.array(shard.ids), identity=np.array(json.dumps(identity, sort_keys=True)))
-    record = {"path": str(path), "identity": identity, "rows": int(G.shape[0]), "shard_sha256": raw_shard["sha256"]}
+    version = _json_hash([identity, raw_shard["sha256"]])
+    record = {
+        "path": str(path),
+        "identity": identity,
+        "rows": int(G.shape[0]),
+        "shard_sha256": raw_shard["sha256"],
+        "data_version": version,
+    }
     return dg.Output(
         record,
-        data_version=dg.DataVersion(_json_hash([identity, raw_shard["sha256"]])),
+        data_version=dg.DataVersion(version),
         metadata={
             "rows": G.shape[0],
             "sketch_dim": G.shape[1],
@@ -185,6 +197,7 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
     result = select(settings.method, G, settings.budget, seed=settings.seed)
     chosen = [ids[i] for i in result.indices]
     shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
+    fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
     record = {
         "method": settings.method,
         "budget": settings.budget,
@@ -194,6 +207,8 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
         "weights": [1.0 / len(chosen)] * len(chosen),
         "sketch_identity": identity,
         "shards": shards,
+        "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
+        "sketch_fingerprint": fingerprint,
         "diagnostics": result.diagnostics,
     }
     per_shard = {s: sum(1 for c in chosen if c.split("/")[0] == s) for s in shards}
@@ -207,6 +222,7 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
             "moment_ratio": float(result.diagnostics["moment_ratio"]),
             "select_seconds": float(result.diagnostics["select_seconds"]),
             "picked_per_shard": dg.MetadataValue.json(per_shard),
+            "sketch_fingerprint": fingerprint,
             "first_ids": dg.MetadataValue.json(chosen[:20]),
         },
     )

@@ -37,6 +37,7 @@ class SkmmSettings(dg.ConfigurableResource):
     batch_size: int = 512
     pretrain_epochs: int = 40
     uniform_repeats: int = 5
+    min_moment_ratio: float = 0.1
 
 
 class Workspace(dg.ConfigurableResource):
