@@ -47,7 +47,7 @@ def _md_table(rows: list[dict]) -> str:
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="ingest",
+    group_name="skmm",
     code_version="1",
     kinds={"numpy"},
     description="One delivered shard of the pool, validated; its content hash is the data version.",
@@ -71,7 +71,7 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Out
 
 
 @dg.asset(
-    group_name="model",
+    group_name="skmm",
     code_version="1",
     kinds={"pytorch"},
     description="The pretrained backbone (embedded scenario: a small CNN trained on digits 0-4) whose head is finetuned.",
@@ -109,7 +109,7 @@ def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, 
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="sketch",
+    group_name="skmm",
     code_version="1",
     pool="gpu",
     kinds={"pytorch"},
@@ -185,7 +185,7 @@ def load_sketches(records: dict[str, dict]) -> tuple[np.ndarray, list[str], dict
 
 
 @dg.asset(
-    group_name="select",
+    group_name="skmm",
     code_version="1",
     kinds={"numpy"},
     description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch.",
@@ -229,7 +229,7 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
 
 
 @dg.asset(
-    group_name="version",
+    group_name="skmm",
     code_version="1",
     pool="dvc",
     kinds={"dvc"},
@@ -296,7 +296,7 @@ def _accuracy_plot(rows: list[dict]) -> bytes:
 
 
 @dg.asset(
-    group_name="evaluate",
+    group_name="skmm",
     code_version="1",
     kinds={"pytorch", "mlflow"},
     description="Finetunes the head (FT-1) on the SkMM subset and on uniform subsets of the same size; logs to MLflow.",
