@@ -130,6 +130,11 @@ def extract_features(model: SmallCNN, images: np.ndarray, batch_size: int = 512,
     return torch.cat(out).numpy()
 
 
+# Rows of one block are computed together; a fixed block shape keeps each sample's bits independent
+# of the batch size and of the shard it lands in (see core.sketch_engine).
+HEAD_BLOCK_ROWS = 256
+
+
 @torch.no_grad()
 def sketch_head_gradients(
     model: SmallCNN,
@@ -140,22 +145,29 @@ def sketch_head_gradients(
     batch_size: int = 512,
     device="cpu",
 ) -> np.ndarray:
-    """Sketched per-sample head gradients (N x m, float32), streamed batch by batch.
+    """Sketched per-sample head gradients (N x m, float32), streamed block by block.
 
-    Only one batch of gradient rows exists at a time; memory is O(batch_size * r + N * m).
+    Only one block of gradient rows exists at a time; memory is O(block * r + N * m). ``batch_size`` is
+    accepted for compatibility: the model always runs on blocks of ``HEAD_BLOCK_ROWS`` samples (the last
+    one padded), so the rows do not depend on it. Any model with ``body`` and ``head`` (Linear) works;
+    for other parameter sets and label modes use ``core.sketch_engine.GradientSketcher``.
     """
-    expected_dim = gradient_dim(model.feature_dim, model.num_classes, label_mode)
+    expected_dim = gradient_dim(model.head.in_features, model.head.out_features, label_mode)
     if sketch.input_dim != expected_dim:
         raise ValueError(f"sketch input_dim {sketch.input_dim} != gradient dimension {expected_dim} ({label_mode})")
     model.eval()
     X = torch.as_tensor(images)
     Y = None if labels is None else torch.as_tensor(labels)
     out = np.empty((len(X), sketch.sketch_dim), dtype=np.float32)
-    for start in range(0, len(X), batch_size):
-        xb = X[start : start + batch_size].to(device)
-        feats = model.body(xb)
+    R = HEAD_BLOCK_ROWS
+    for start in range(0, len(X), R):
+        xb = X[start : start + R]
+        valid = len(xb)
+        if valid < R:
+            xb = torch.cat([xb, xb[-1:].expand(R - valid, *xb.shape[1:])])
+        feats = model.body(xb.to(device))
         logits = model.head(feats)
-        yb = None if Y is None else Y[start : start + batch_size]
-        rows = head_gradient_rows(feats, logits, label_mode, yb)
-        out[start : start + len(xb)] = sketch.apply(rows).cpu().numpy()
+        yb = None if Y is None else Y[start : start + R]
+        rows = head_gradient_rows(feats[:valid], logits[:valid], label_mode, yb)
+        out[start : start + valid] = sketch.apply(rows).cpu().numpy()
     return out
