@@ -4,7 +4,11 @@ The pretrained CNN is fixed (seed 0, as a user's pretrained model would be); eac
 sketch, the selection and the uniform draw. Prints mean +- s.e.m. per budget and method, and the
 difference SkMM - uniform in units of its standard error (paired over seeds).
 
-    python benchmarks/digits_transfer.py [--seeds 20] [--sketch-dims 32,64]
+    python benchmarks/digits_transfer.py [--seeds 20] [--sketch-dims 32,64] [--extra-methods skmmv2,ridge-leverage]
+
+``--extra-methods`` adds other registered selection methods (run on the sketch of each m, label-free),
+e.g. ``skmmv2``, ``skmm-relaxation``, ``leverage``, ``ridge-leverage``, ``adaptive``, ``herding``,
+``k-center``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="10,20,40,80,160")
     ap.add_argument("--sketch-dims", default="64")
     ap.add_argument("--design-dims", default="none", help="comma list of none|auto|int for skmm")
+    ap.add_argument("--extra-methods", default="", help="comma list of other registered methods to compare")
     args = ap.parse_args()
+    extra = [m for m in args.extra_methods.split(",") if m]
     budgets = [int(b) for b in args.budgets.split(",")]
     dims = [int(m) for m in args.sketch_dims.split(",")]
     designs = [None if d == "none" else (d if d == "auto" else int(d)) for d in args.design_dims.split(",")]
@@ -49,7 +55,9 @@ def main() -> None:
             sk = make_sketch("gaussian", gradient_dim(model.feature_dim, model.num_classes, "expected"), m, seed, "head")
             G = sketch_head_gradients(model, data.pool.images, sk)
             for d in designs:
-                methods[f"skmm(m={m},k={d})"] = ("skmm", G, {"design_dim": d})
+                methods[f"skmm(m={m},k={d})"] = ("skmm", G, {} if d is None else {"design_dim": d})
+            for name in extra:
+                methods[f"{name}(m={m})"] = (name, G, {})
         methods["uniform"] = ("uniform", pool_f, {})
         for n in budgets:
             for label, (method, X, opts) in methods.items():

@@ -1,19 +1,39 @@
-"""One selection API for SkMM and every baseline: ``select(method, X, n, seed=..., labels=...)``.
+"""One selection API for SkMM and every baseline: ``select(method, X, n, seed=..., labels=..., **options)``.
 
-``X`` is an N x d array (sketched gradients, gradients or features); the result carries the chosen
-row indices (exactly ``n`` unique, in selection order) and per-method diagnostics.
+``X`` is an N x d array (sketched gradients, gradients or features); the result carries exactly ``n``
+distinct row indices (in selection order), the relaxed weights where the method has them, and
+per-method diagnostics (always ``select_seconds``, ``moment_ratio``, ``zero_rows``, ``duplicate_rows``).
+
+Input handling (checked before any method runs):
+
+* ``n`` must be an integer with ``0 < n <= N``; ``X`` must be 2-D with at least one row and column
+  and only finite values (the first bad row is named); labels must have shape ``(N,)``.
+* All-zero rows carry no gradient signal. They stay eligible (they are real samples): the moment-based
+  methods, leverage and adaptive sampling give them zero weight, so they are chosen only once nothing
+  informative is left; the distance-based baselines (herding, k-center) treat the origin like any
+  other point. ``zero_rows`` counts them. A pool whose rows are *all* zero is rejected by every method
+  but ``uniform``.
+* Duplicated rows are distinct samples: each copy may be chosen, the moment-based methods see a
+  second copy as worth less than the first (it adds less to the subset's moment), and
+  ``duplicate_rows`` counts the copies beyond the first.
+* ``class_balanced=True`` (needs ``labels``) splits the budget over classes in proportion to their
+  sizes (largest remainder, at least one per class when ``n`` allows) or as ``class_budgets`` gives
+  (a dict label -> count summing to ``n``), and runs the method inside each class.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from skmm_pipeline.core import moment_matching
-from skmm_pipeline.core.validation import InputError, as_finite_matrix, check_budget
+from skmm_pipeline.core import baselines, moment_matching
+from skmm_pipeline.core.moment_matching import MomentStats, moment_stats
+from skmm_pipeline.core.rounding import ROUNDINGS, round_to_subset
+from skmm_pipeline.core.validation import InputError, check_budget
 
 
 @dataclass(frozen=True)
@@ -21,53 +41,346 @@ class Selection:
     method: str
     indices: np.ndarray
     diagnostics: dict = field(default_factory=dict)
+    weights: np.ndarray | None = None  # relaxed capped-simplex weights s (inclusion probabilities n*s)
 
 
-Selector = Callable[..., tuple[np.ndarray, dict]]
+Selector = Callable[..., tuple]
 SELECTORS: dict[str, Selector] = {}
+DESCRIPTIONS: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[Selector], Selector]:
+def register(name: str, description: str = "") -> Callable[[Selector], Selector]:
     def deco(fn: Selector) -> Selector:
         SELECTORS[name] = fn
+        DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
         return fn
 
     return deco
 
 
-@register("uniform")
-def _uniform(X: np.ndarray, n: int, *, seed: int, labels=None) -> tuple[np.ndarray, dict]:
-    rng = np.random.default_rng(seed)
-    return rng.choice(X.shape[0], size=n, replace=False), {}
+def method_options(method: str) -> dict[str, object]:
+    """The options a method accepts, with their defaults."""
+    sig = inspect.signature(SELECTORS[method])
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name not in ("seed", "labels", "stats")
+    }
 
 
-@register("skmm")
+# --------------------------------------------------------------------------------------------------
+# SkMM
+# --------------------------------------------------------------------------------------------------
+
+# The default SkMM configuration, chosen by benchmarks/gmm.py and benchmarks/digits_transfer.py.
+SKMM_DEFAULTS: dict = dict(design_dim="auto", ridge="auto", start="auto", exchange=True)
+
+
+@register("skmm", "SkMM (default): A-optimal design in the sketch on the final integer subset")
 def _skmm(
-    X: np.ndarray, n: int, *, seed: int, labels=None, ridge: float | None = None, design_dim: int | str | None = None
-) -> tuple[np.ndarray, dict]:
-    # Current default: A-optimal (trace) design in the sketch; deterministic given the sketch,
-    # whose seed is the source of randomness.
-    if design_dim is not None:
-        k = moment_matching.auto_design_dim(n, X.shape[1]) if design_dim == "auto" else int(design_dim)
-        X = moment_matching.principal_coordinates(X, k)
-    idx, diag = moment_matching.greedy_trace_design(X, n, ridge=ridge)
-    return idx, {**diag, "design_dim": X.shape[1]}
+    X,
+    n,
+    *,
+    seed,
+    labels=None,
+    stats,
+    design_dim=SKMM_DEFAULTS["design_dim"],
+    ridge=SKMM_DEFAULTS["ridge"],
+    start=SKMM_DEFAULTS["start"],
+    exchange=SKMM_DEFAULTS["exchange"],
+    candidates="auto",
+):
+    res = moment_matching.trace_design(
+        X, n, stats=stats, seed=seed, design_dim=design_dim, ridge=ridge, start=start, exchange=exchange, candidates=candidates
+    )
+    return res.indices, _with_objective(res.diagnostics, n)
+
+
+def _with_objective(diag: dict, n: int) -> dict:
+    """Common names: ``objective`` (the solver's own) and ``iterations`` (greedy picks + exchanges)."""
+    return {
+        "objective": diag["objective_trace"],
+        "iterations": n - diag.get("start_pivots", 0) + diag.get("exchanges", 0),
+        **diag,
+    }
+
+
+@register("skmmv2", "SkMMv2: RPC start, then blocks of trace-decrease picks sampled with a temperature")
+def _skmmv2(
+    X,
+    n,
+    *,
+    seed,
+    labels=None,
+    stats,
+    design_dim="full",
+    ridge="x1",
+    block=None,
+    temperature=0.1,
+    candidates="auto",
+):
+    b = max(1, n // 20) if block is None else int(block)
+    res = moment_matching.trace_design(
+        X,
+        n,
+        stats=stats,
+        seed=seed,
+        design_dim=design_dim,
+        ridge=ridge,
+        start="rpc",
+        block=b,
+        temperature=float(temperature),
+        candidates=candidates,
+    )
+    return res.indices, {**_with_objective(res.diagnostics, n), "block": b, "temperature": float(temperature)}
+
+
+def _check_c_S(c_S) -> float:
+    if isinstance(c_S, bool) or not isinstance(c_S, (int, float, np.integer, np.floating)) or not np.isfinite(c_S) or c_S <= 0:
+        raise InputError(f"c_S must be a positive number, got {c_S!r}")
+    return float(c_S)
+
+
+@register("skmm-relaxation", "SkMM capped-simplex moment matching + rounding that keeps the inclusion probabilities")
+def _skmm_relaxation(
+    X,
+    n,
+    *,
+    seed,
+    labels=None,
+    stats,
+    c_S=1.0,
+    solver="fista",
+    max_iter=5000,
+    tol=1e-7,
+    cuts=0,
+    scale="absolute",
+    rounding="systematic",
+    repair=False,
+    design_dim="auto",
+    ridge="auto",
+):
+    c_S = _check_c_S(c_S)
+    if rounding not in ROUNDINGS:
+        raise InputError(f"unknown rounding {rounding!r}; available: {list(ROUNDINGS)}")
+    s, diag = moment_matching.capped_simplex_matching(
+        X, n, stats=stats, c_S=c_S, solver=solver, max_iter=max_iter, tol=tol, cuts=cuts, scale=scale
+    )
+    idx = round_to_subset(s, n, method=rounding, seed=seed)
+    diag = {
+        "objective": diag["relaxed_objective"],
+        **diag,
+        "rounding": rounding,
+        "subset_objective": moment_matching.subset_objective(X, idx, c_S, stats),
+    }
+    if repair:
+        res = moment_matching.trace_design(X, n, stats=stats, seed=seed, design_dim=design_dim, ridge=ridge, init=idx)
+        idx = res.indices
+        diag.update(repair="exchange", exchanges=res.diagnostics["exchanges"], objective_trace=res.diagnostics["objective_trace"])
+    return idx, diag, s
+
+
+@register("skmm-v1-reference", "The research code's v1 loop (Adam + clamp/renormalise, weighted sampling); comparison only")
+def _skmm_v1(X, n, *, seed, labels=None, stats, c_S=0.999, steps=10_000, lr=1e-4):
+    c_S = _check_c_S(c_S)
+    idx, w, diag = moment_matching.v1_reference(X, n, seed=seed, c_S=c_S, steps=steps, lr=lr, stats=stats)
+    return idx, {"objective": diag["relaxed_objective"], **diag,
+                 "subset_objective": moment_matching.subset_objective(X, idx, c_S, stats)}, w
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------
+
+
+@register("uniform", "uniform random sample without replacement")
+def _uniform(X, n, *, seed, labels=None, stats=None):
+    return baselines.uniform(X, n, np.random.default_rng(seed))
+
+
+@register("leverage", "leverage-score pi-ps sampling")
+def _leverage(X, n, *, seed, labels=None, stats):
+    return baselines.leverage(X, n, np.random.default_rng(seed), stats)
+
+
+@register("ridge-leverage", "rank-k ridge leverage-score pi-ps sampling")
+def _ridge_leverage(X, n, *, seed, labels=None, stats, ridge=None, rank=None):
+    return baselines.ridge_leverage(X, n, np.random.default_rng(seed), stats, ridge=ridge, rank=rank)
+
+
+@register("adaptive", "adaptive sampling = randomly pivoted Cholesky on the linear kernel")
+def _adaptive(X, n, *, seed, labels=None, stats=None):
+    return baselines.adaptive(X, n, np.random.default_rng(seed))
+
+
+@register("herding", "kernel herding (greedy mean matching, linear kernel)")
+def _herding(X, n, *, seed, labels=None, stats=None):
+    return baselines.herding(X, n)
+
+
+@register("k-center", "greedy k-center (farthest-first traversal)")
+def _k_center(X, n, *, seed, labels=None, stats=None):
+    return baselines.k_center(X, n, np.random.default_rng(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# The API
+# --------------------------------------------------------------------------------------------------
+
+
+def as_selection_matrix(X, name: str = "X") -> np.ndarray:
+    """``X`` as a 2-D float32/float64 array (float32 kept as is, no copy), finite, or :class:`InputError`."""
+    arr = np.asarray(X)
+    if arr.dtype not in (np.float32, np.float64):
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be a 2-D array (samples x features), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{name} must have at least one row and one column, got shape {arr.shape}")
+    for lo in range(0, arr.shape[0], 1 << 16):
+        blk = arr[lo : lo + (1 << 16)]
+        if not np.isfinite(blk).all():
+            bad = np.flatnonzero(~np.isfinite(blk).all(axis=1))
+            total = sum(
+                int((~np.isfinite(arr[j : j + (1 << 16)]).all(axis=1)).sum()) for j in range(lo, arr.shape[0], 1 << 16)
+            )
+            raise InputError(
+                f"{name} has non-finite values (NaN or inf) in {total} row(s), first at row {lo + int(bad[0])}"
+            )
+    return arr
+
+
+def duplicate_rows(X) -> int:
+    """Number of rows that repeat an earlier row exactly."""
+    X = np.asarray(X)
+    N, d = X.shape
+    r = np.random.default_rng(12345).standard_normal(d)
+    key = np.empty(N)
+    for lo in range(0, N, 1 << 16):
+        key[lo : lo + (1 << 16)] = np.asarray(X[lo : lo + (1 << 16)], dtype=np.float64) @ r
+    order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[order][1:] == key[order][:-1])
+    if same.size == 0:
+        return 0
+    # Confirm candidate pairs exactly (the random projection only proposes them).
+    dup = 0
+    seen: set[int] = set()
+    for t in same:
+        i, j = int(order[t]), int(order[t + 1])
+        if j not in seen and np.array_equal(X[i], X[j]):
+            dup += 1
+            seen.add(j)
+    return dup
+
+
+def class_budgets(labels: np.ndarray, n: int, given=None) -> dict:
+    """Per-class budgets: given (validated) or proportional to class sizes by largest remainder."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if given is not None:
+        if not isinstance(given, dict):
+            raise InputError("class_budgets must be a dict {label: count}")
+        unknown = set(given) - set(classes.tolist())
+        if unknown:
+            raise InputError(f"class_budgets names labels not in the data: {sorted(unknown, key=str)[:5]}")
+        budgets = {c: int(given.get(c, 0)) for c in classes.tolist()}
+        if any(v < 0 for v in budgets.values()):
+            raise InputError("class budgets must be non-negative")
+        if sum(budgets.values()) != n:
+            raise InputError(f"class budgets sum to {sum(budgets.values())}, expected n={n}")
+        for c, cnt in zip(classes.tolist(), counts):
+            if budgets[c] > cnt:
+                raise InputError(f"class {c!r} has {cnt} samples, fewer than its budget {budgets[c]}")
+        return budgets
+    K = classes.size
+    quota = n * counts / counts.sum()
+    base = np.floor(quota).astype(int)
+    if n >= K:
+        base = np.maximum(base, 1)
+    base = np.minimum(base, counts)
+    while base.sum() > n:  # the at-least-one floor overshot: take back from the largest quotas
+        over = np.flatnonzero(base > 1)
+        base[over[np.argmax((base - quota)[over])]] -= 1
+    rem = quota - base
+    while base.sum() < n:
+        room = np.flatnonzero(base < counts)
+        j = room[np.argmax(rem[room])]
+        base[j] += 1
+        rem[j] -= 1
+    return {c: int(b) for c, b in zip(classes.tolist(), base)}
+
+
+def _run(method: str, X: np.ndarray, n: int, seed: int, labels, stats: MomentStats, options: dict):
+    fn = SELECTORS[method]
+    allowed = method_options(method)
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise InputError(f"method {method!r} does not take option(s) {sorted(unknown)}; it takes {sorted(allowed)}")
+    out = fn(X, n, seed=seed, labels=labels, stats=stats, **options)
+    idx, diag = out[0], dict(out[1])
+    weights = out[2] if len(out) > 2 else None
+    return np.asarray(idx, dtype=np.int64), diag, weights
 
 
 def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> Selection:
-    """Select ``n`` of the ``N`` rows of ``X`` with the registered ``method``."""
+    """Select ``n`` of the ``N`` rows of ``X`` with the registered ``method``.
+
+    Options common to every method: ``class_balanced`` (bool) and ``class_budgets`` (dict); the rest
+    are the method's own (see :func:`method_options`).
+    """
     if method not in SELECTORS:
         raise InputError(f"unknown selection method {method!r}; available: {sorted(SELECTORS)}")
-    X = as_finite_matrix(X, "X")
-    n = check_budget(n, X.shape[0])
+    X = as_selection_matrix(X, "X")
+    N = X.shape[0]
+    n = check_budget(n, N)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape != (X.shape[0],):
-            raise InputError(f"labels must have shape ({X.shape[0]},), got {labels.shape}")
+        if labels.shape != (N,):
+            raise InputError(f"labels must have shape ({N},), got {labels.shape}")
+    balanced = bool(options.pop("class_balanced", False))
+    given_budgets = options.pop("class_budgets", None)
+    if given_budgets is not None:
+        balanced = True
     t0 = time.perf_counter()
-    idx, diag = SELECTORS[method](X, n, seed=seed, labels=labels, **options)
-    idx = np.asarray(idx, dtype=np.int64)
-    if idx.shape != (n,) or np.unique(idx).size != n:
+    stats = moment_stats(X)
+    if stats.lam[0] <= 0 and method != "uniform":
+        raise InputError("all rows of X are zero (all sketched gradients are zero): there is nothing to select on")
+    weights = None
+    if balanced:
+        if labels is None:
+            raise InputError("class_balanced selection needs labels")
+        budgets = class_budgets(labels, n, given_budgets)
+        parts, per_class = [], {}
+        for ci, (c, b) in enumerate(budgets.items()):
+            if b == 0:
+                continue
+            rows = np.flatnonzero(labels == c)
+            sub_seed = int(np.random.SeedSequence([seed, ci]).generate_state(1)[0])
+            Xc = X[rows]
+            stats_c = moment_stats(Xc)
+            if stats_c.lam[0] <= 0 and method != "uniform":
+                idx_c = np.random.default_rng(sub_seed).choice(rows.size, size=b, replace=False)
+                diag_c = {"note": "class has only zero rows: drawn uniformly"}
+            else:
+                idx_c, diag_c, _ = _run(method, Xc, b, sub_seed, labels[rows], stats_c, options)
+            parts.append(rows[idx_c])
+            per_class[str(c)] = {"budget": b, **{k: v for k, v in diag_c.items() if np.isscalar(v)}}
+        idx = np.concatenate(parts)
+        diag = {"class_balanced": True, "class_budgets": {str(c): b for c, b in budgets.items()}, "per_class": per_class}
+    else:
+        idx, diag, weights = _run(method, X, n, seed, labels, stats, options)
+    if idx.shape != (n,) or np.unique(idx).size != n or idx.min() < 0 or idx.max() >= N:
         raise RuntimeError(f"selector {method!r} returned {idx.size} indices ({np.unique(idx).size} unique), expected {n}")
-    diag = {**diag, "select_seconds": time.perf_counter() - t0, "moment_ratio": moment_matching.moment_ratio(X, idx)}
-    return Selection(method=method, indices=idx, diagnostics=diag)
+    seconds = time.perf_counter() - t0
+    diag = {
+        **diag,
+        "select_seconds": seconds,
+        "moment_ratio": moment_matching.moment_ratio(X, idx, stats=stats) if stats.lam[0] > 0 else float("nan"),
+        "zero_rows": stats.zero_rows,
+        "duplicate_rows": duplicate_rows(X),
+    }
+    return Selection(method=method, indices=idx, diagnostics=diag, weights=weights)
