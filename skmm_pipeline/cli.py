@@ -12,7 +12,7 @@ def _cmd_demo(args) -> int:
     from skmm_pipeline.demo import format_report, run_demo
 
     root = Path(args.root).resolve()
-    record = run_demo(root, budget=args.budget, seed=args.seed, n_shards=args.shards)
+    record = run_demo(root, budget=args.budget, seed=args.seed, n_shards=args.shards, finetune_mode=args.finetune)
     print(format_report(record))
     db = record["mlflow_tracking_uri"]
     print(
@@ -23,31 +23,252 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _json_safe(value):
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 64 else f"<array shape {value.shape}>"
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _parse_option(text: str):
+    from skmm_pipeline.core.validation import InputError
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"--option expects KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.replace("-", "_"), value
+
+
 def _cmd_select(args) -> int:
     import numpy as np
 
-    from skmm_pipeline.core.selection import select
+    from skmm_pipeline.core.selection import as_selection_matrix, select
+    from skmm_pipeline.core.validation import InputError
 
-    X = np.load(args.input, allow_pickle=False)
+    try:
+        X = np.load(args.input, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        raise InputError(f"cannot read {args.input} as a numeric .npy array: {exc}") from None
+    input_shape = list(X.shape)
     labels = np.load(args.labels, allow_pickle=False) if args.labels else None
-    result = select(args.method, X, args.n, seed=args.seed, labels=labels)
-    out = Path(args.output)
-    np.save(out, result.indices)
-    sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps({"method": result.method, "n": args.n, "seed": args.seed, **result.diagnostics}, indent=2, default=float))
-    print(f"wrote {len(result.indices)} indices to {out} and diagnostics to {sidecar}")
+    options = dict(_parse_option(o) for o in args.option)
+    if args.class_balanced:
+        options["class_balanced"] = True
+    sketch_identity = None
+    if args.sketch_dim is not None:
+        import torch
+
+        from skmm_pipeline.core.sketch import make_sketch
+
+        X = as_selection_matrix(X, "input")  # finite, 2-D: fail with the row number before sketching
+        sk = make_sketch("gaussian", X.shape[1], args.sketch_dim, args.seed, args.sketch_name)
+        out = np.empty((X.shape[0], sk.sketch_dim), dtype=np.float32)
+        for lo in range(0, X.shape[0], 4096):
+            out[lo : lo + 4096] = sk.apply(torch.as_tensor(np.asarray(X[lo : lo + 4096], dtype=np.float32))).numpy()
+        X = out
+        sketch_identity = sk.identity.as_dict()
+    result = select(args.method, X, args.n, seed=args.seed, labels=labels, **options)
+    out_path = Path(args.output)
+    np.save(out_path, result.indices)
+    sidecar = out_path.with_suffix(".json")
+    record = {
+        "method": result.method,
+        "n": args.n,
+        "seed": args.seed,
+        "input": str(args.input),
+        "input_shape": input_shape,
+        "options": options,
+        "sketch": sketch_identity,
+        **result.diagnostics,
+    }
+    if result.weights is not None:
+        weights_path = out_path.with_name(out_path.stem + ".weights.npy")
+        np.save(weights_path, result.weights)
+        record["weights_file"] = str(weights_path)
+    sidecar.write_text(json.dumps(_json_safe(record), indent=2))
+    print(f"wrote {len(result.indices)} indices to {out_path} and diagnostics to {sidecar}")
     return 0
 
 
-def _cmd_versions_list(args) -> int:
+def _versions_catalog(args):
+    from skmm_pipeline.versioning.catalog import SubsetCatalog
     from skmm_pipeline.versioning.dvc_store import SubsetStore
 
-    versions = SubsetStore(str(Path(args.repo).resolve())).list_versions()
-    if not versions:
+    uri = None if args.mlflow == "none" else args.mlflow
+    return SubsetCatalog(
+        SubsetStore(Path(args.repo).resolve()), tracking_uri=uri,
+        key_metric=getattr(args, "metric", "test_accuracy"),
+    )
+
+
+def _versions_with_metrics(catalog, read):
+    """``read(catalog)``; if the MLflow store cannot be read, warn and read without metrics."""
+    from skmm_pipeline.versioning.catalog import MetricsUnavailable
+
+    try:
+        return read(catalog)
+    except MetricsUnavailable as exc:
+        print(f"skmm: warning: {exc}; showing no evaluation metrics", file=sys.stderr)
+        catalog.tracking_uri = None
+        return read(catalog)
+
+
+def _versions_fmt(value) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cmd_versions_list(args) -> int:
+    catalog = _versions_catalog(args)
+    table = _versions_with_metrics(catalog, lambda c: c.versions())
+    if args.format == "csv":
+        print(table.to_csv(index=False), end="")
+        return 0
+    if args.format == "json":
+        print(table.to_json(orient="records", date_format="iso", indent=2))
+        return 0
+    if table.empty:
         print("no subset versions yet")
         return 0
-    for v in versions:
-        print(f"{v.tag}  {v.created}  method={v.meta.get('method')}  n={v.meta.get('n')}  shards={','.join(v.meta.get('shards', []))}")
+    key = catalog.key_metric
+    shown = table[["tag", "date", "method", "n", key, "shards", "pushed"]].copy()
+    shown["date"] = shown["date"].dt.strftime("%Y-%m-%d %H:%M UTC")
+    shown[key] = shown[key].map(_versions_fmt)
+    shown["n"] = shown["n"].map(_versions_fmt)
+    shown["pushed"] = shown["pushed"].map({True: "yes", False: "no (queued)"})
+    print(shown.to_string(index=False))
+    if not catalog.store.uses_git():
+        print("(not a git repository: versions are recorded by content hash)")
+    return 0
+
+
+def _cmd_versions_show(args) -> int:
+    import json as _json
+
+    details = _versions_with_metrics(_versions_catalog(args), lambda c: c.show(args.tag))
+    v, m = details.version, details.manifest
+    where = f"commit {v.commit[:12]}" if v.commit else "no git: recorded by content hash"
+    print(f"{v.tag}  created {v.created}  ({where}; data md5 {v.data_md5}; "
+          f"pushed {'yes' if v.pushed else 'no (queued)'})")
+    print(f"method {m.get('method')}  n {m.get('n')}  budget {m.get('budget')}  seed {m.get('seed')}  "
+          f"pool {m.get('pool_size')}  c_S {_versions_fmt(m.get('c_S'))}")
+    print(f"model  {m.get('model_id')}")
+    print(f"sketch {_json.dumps(m.get('sketch_identity'), sort_keys=True)}")
+    shards = m.get("shards") or {}
+    print("shards " + (", ".join(f"{k} ({str(val)[:12]})" for k, val in shards.items()) or "-"))
+    runs = ", ".join(details.mlflow_run_ids) or m.get("mlflow_run_id") or "-"
+    print(f"runs   Dagster {m.get('dagster_run_id') or '-'}; MLflow {runs}")
+    if not details.metrics.empty:
+        metrics = details.metrics.copy()
+        metrics["value"] = metrics["value"].map(_versions_fmt)
+        print("\nmetrics:\n" + metrics.to_string(index=False))
+    subset = details.subset
+    limit = len(subset) if args.rows < 0 else args.rows
+    if limit:
+        print(f"\nsamples ({min(limit, len(subset))} of {len(subset)}):")
+        print(subset.head(limit).to_string(index=False))
+    print(f"\nrestore with: skmm versions checkout {v.tag}")
+    return 0
+
+
+def _cmd_versions_diff(args) -> int:
+    d = _versions_with_metrics(_versions_catalog(args), lambda c: c.diff(args.a, args.b))
+    print(f"{d.a} -> {d.b}: {d.n_a} -> {d.n_b} samples, overlap {d.overlap} "
+          f"(Jaccard {d.jaccard:.3f}), {len(d.added)} added, {len(d.removed)} removed")
+    for key, (old, new) in d.changes.items():
+        print(f"changed {key}: {old} -> {new}")
+    if not d.metrics.empty:
+        metrics = d.metrics.copy()
+        for column in ("a", "b", "delta"):
+            metrics[column] = metrics[column].map(_versions_fmt)
+        if d.a != d.b:
+            metrics = metrics.rename(columns={"a": d.a, "b": d.b})
+        print("\nmetrics:\n" + metrics.to_string(index=False))
+    for label, frame in (("added", d.added), ("removed", d.removed)):
+        ids = frame["sample_id"].tolist()
+        shown = ids if args.limit < 0 else ids[: args.limit]
+        more = f" … (+{len(ids) - len(shown)} more)" if len(shown) < len(ids) else ""
+        print(f"\n{label} ({len(ids)}): " + (" ".join(shown) + more if ids else "-"))
+    return 0
+
+
+def _cmd_versions_checkout(args) -> int:
+    from skmm_pipeline.versioning.dvc_store import SubsetStore
+
+    store = SubsetStore(Path(args.repo).resolve())
+    version = store.checkout(args.tag, force=args.force)
+    print(f"{store.data_path} restored to {version.tag} (data md5 {version.data_md5}); "
+          f"{store.dvc_file.name} points at it. Your branch and git index are unchanged.")
+    return 0
+
+
+def _cmd_versions_push(args) -> int:
+    from skmm_pipeline.versioning.dvc_store import SubsetStore
+
+    pushed = SubsetStore(Path(args.repo).resolve()).push_pending()
+    print(f"pushed {len(pushed)} version(s): {', '.join(pushed)}" if pushed else "nothing to push")
+    return 0
+
+
+def _add_versions_parser(sub) -> None:
+    v = sub.add_parser("versions", help="subset versions recorded with DVC (list, show, diff, checkout, push)")
+    vsub = v.add_subparsers(dest="versions_command", required=True)
+
+    def command(name, func, help_):
+        c = vsub.add_parser(name, help=help_)
+        c.add_argument("--repo", default=".", help="repository root (default: current directory)")
+        c.set_defaults(func=func)
+        return c
+
+    mlflow_help = ("MLflow store to read evaluation metrics from: a URI, 'auto' ($MLFLOW_TRACKING_URI, "
+                   "else the project's .skmm/mlflow/mlflow.db if present) or 'none'")
+    vl = command("list", _cmd_versions_list, "table of versions: tag, date, method, n, key metric, shards")
+    vl.add_argument("--mlflow", default="auto", help=mlflow_help)
+    vl.add_argument("--metric", default="test_accuracy",
+                    help="key metric: NAME shows NAME/<method> (default test_accuracy); NAME/METHOD as is")
+    vl.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    vs = command("show", _cmd_versions_show, "one version: manifest, metrics, samples")
+    vs.add_argument("tag")
+    vs.add_argument("--mlflow", default="auto", help=mlflow_help)
+    vs.add_argument("--rows", type=int, default=10, help="samples to print (-1: all)")
+    vd = command("diff", _cmd_versions_diff, "added/removed sample ids, overlap and metric deltas from A to B")
+    vd.add_argument("a")
+    vd.add_argument("b")
+    vd.add_argument("--mlflow", default="auto", help=mlflow_help)
+    vd.add_argument("--limit", type=int, default=20, help="ids to print per list (-1: all)")
+    vc = command("checkout", _cmd_versions_checkout, "restore data/ (and data.dvc) to a version")
+    vc.add_argument("tag")
+    vc.add_argument("--force", action="store_true", help="discard hand edits in data/")
+    command("push", _cmd_versions_push, "push versions whose data has not reached the DVC remote")
+
+
+def _cmd_shards_add(args) -> int:
+    from skmm_pipeline.data.digits import write_new_digits_shard
+    from skmm_pipeline.defs.resources import Workspace
+
+    landing = Workspace(root=str(Path(args.root).resolve())).landing
+    name = write_new_digits_shard(landing, args.name, args.count, args.seed)
+    print(
+        f"landed shard {name!r} ({args.count} samples) in {landing}\n"
+        "The running `shard_sensor` (dagster dev) registers and sketches it; then run the `reselect` job,\n"
+        "or wait for `reselect_schedule`. Without the UI: `make demo` re-selects over all shards."
+    )
     return 0
 
 
@@ -60,22 +281,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=int, default=40, help="number of samples to select (default 40)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--shards", type=int, default=3, help="number of shards the pool arrives in")
+    d.add_argument("--finetune", default="ft1", choices=["ft1", "ft2", "both"],
+                   help="evaluation: FT-1 (head on frozen features), FT-2 (last block + head), or both")
     d.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("select", help="select n rows of a .npy array (gradients, sketches or features)")
-    s.add_argument("--input", required=True)
-    s.add_argument("--n", type=int, required=True)
-    s.add_argument("--method", default="skmm")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--labels", default=None)
-    s.add_argument("--output", required=True)
+    s = sub.add_parser(
+        "select",
+        help="select n rows of a .npy array (gradients, sketches or features)",
+        description="Select n rows of an N x d .npy array with SkMM or a baseline; writes the indices (.npy) "
+        "and a JSON sidecar with the diagnostics (and the relaxed weights for skmm-relaxation).",
+    )
+    s.add_argument("--input", required=True, help="N x d .npy array")
+    s.add_argument("--n", type=int, required=True, help="number of rows to select")
+    s.add_argument("--method", default="skmm", help="skmm (default), skmm-relaxation, skmm-v1-reference, skmmv2, "
+                   "uniform, leverage, ridge-leverage, adaptive, herding, k-center")
+    s.add_argument("--seed", type=int, default=0, help="fixes the sketch and the selection")
+    s.add_argument("--sketch-dim", type=int, default=None,
+                   help="sketch the input to this many dimensions (seeded Gaussian JL map) before selecting")
+    s.add_argument("--sketch-name", default="cli-input", help="parameter name the sketch is derived from")
+    s.add_argument("--labels", default=None, help="N labels (.npy), for --class-balanced")
+    s.add_argument("--class-balanced", action="store_true", help="split the budget over classes by their sizes")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option c_S=0.9 --option rounding=pipage (repeatable)")
+    s.add_argument("--output", required=True, help="where to write the indices (.npy); the sidecar is .json")
     s.set_defaults(func=_cmd_select)
 
-    v = sub.add_parser("versions", help="subset versions recorded in a DVC repository")
-    vsub = v.add_subparsers(dest="versions_command", required=True)
-    vl = vsub.add_parser("list", help="list subset versions")
-    vl.add_argument("--repo", default=".")
-    vl.set_defaults(func=_cmd_versions_list)
+    sh = sub.add_parser("shards", help="shards of the embedded demo's landing folder")
+    shsub = sh.add_subparsers(dest="shards_command", required=True)
+    sa = shsub.add_parser("add", help="land a new delivery of digits for the demo")
+    sa.add_argument("--root", default=".", help="project root; default: current directory")
+    sa.add_argument("--name", default=None, help="shard name (default digits-new-<k>)")
+    sa.add_argument("--count", type=int, default=100)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.set_defaults(func=_cmd_shards_add)
+
+    _add_versions_parser(sub)
     return p
 
 

@@ -1,25 +1,38 @@
-"""Versioned storage of selected subsets with DVC inside a git repository.
+"""Versioned storage of selected subsets with DVC.
 
-Every subset version is a DVC-tracked ``data/`` directory recorded as
+In a git repository (the normal mode) every subset version is a DVC-tracked ``data/`` directory
+recorded as
 
 * a commit on a dedicated history ref (``refs/heads/skmm-subsets`` by default) whose tree holds only
-  ``data.dvc`` and the DVC/git metadata needed to open DVC at that commit, and
+  ``data.dvc``, a one-line ``.gitignore`` for ``data/`` and DVC's own metadata (``.dvc/config``,
+  ``.dvc/.gitignore``, ``.dvcignore``) needed to open DVC at that commit, and
 * an annotated tag ``subset-vNNNN`` on that commit whose message carries the version's metadata
   as JSON.
 
 The branch the user has checked out, ``HEAD`` and the user's git index are never modified: history
-commits are built with git plumbing and a throw-away index file. The data itself goes to the DVC
-cache and, when a default remote is configured, is pushed there after each version.
+commits are built with git plumbing and a throw-away index file, so changes the user staged can
+neither leak into a version nor be disturbed by one. Staged changes to ``data.dvc`` or ``data/``
+themselves are refused, because the version written would silently diverge from what is staged.
 
-DVC resolves relative paths against the process working directory, so every path handed to DVC
-here is absolute. DVC steps take a repository lock that gives up after a few seconds: callers that
-may run concurrently (Dagster steps) must serialise calls on one repository.
+Without git (degraded mode) a version is identified by the content hash of ``data/``: the tag is
+``subset-<first 12 hex digits of the DVC md5>`` and its record (metadata and the ``data.dvc`` it
+was written with) is a JSON file under ``.skmm-versions/records/``. Writing identical content again
+returns the existing version.
+
+The data goes to the DVC cache and is pushed to the default DVC remote after each version. A push
+that fails (remote unreachable, no remote) leaves the version recorded and queues it; queued
+versions are pushed with the next version or by :meth:`SubsetStore.push_pending`.
+
+Writers are serialised across processes by a lock file (in the git directory, or under
+``.skmm-versions/`` without git). DVC resolves relative paths against the process working directory,
+so every path handed to DVC here is absolute.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +40,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,14 +54,20 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 from dvc.repo import Repo  # noqa: E402  (analytics must be off before DVC is imported)
 from dvc.utils.serialize import parse_yaml  # noqa: E402
 
-__all__ = ["SubsetStore", "SubsetVersion", "SubsetVersionError"]
+__all__ = ["SubsetStore", "SubsetVersion", "SubsetVersionError", "MODES"]
 
 logger = logging.getLogger(__name__)
 
-# Files copied from the working tree into every history commit. data.dvc is added separately
-# (its name follows data_dir). .dvc/config carries the remote, so that a clone checked out at a
-# tag can `dvc pull`; .dvc/.gitignore keeps the cache out of git there.
-_METADATA_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+MODES = ("auto", "git", "nogit")
+
+# DVC metadata copied from the working tree into every history commit, so that a clone checked out
+# at a tag can `dvc pull` (.dvc/config carries the remote; .dvc/.gitignore keeps the cache out of
+# git; .dvcignore changes how data/ is hashed). The user's own files are never committed: the
+# .gitignore of a history commit is written here and holds only the data directory.
+_DVC_METADATA_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore")
+
+# Degraded mode (no git): version records and local state live here, at the repository root.
+_NOGIT_DIR = ".skmm-versions"
 
 _FALLBACK_NAME = "skmm-pipeline"
 _FALLBACK_EMAIL = "skmm-pipeline@localhost"
@@ -60,9 +81,10 @@ class SubsetVersionError(RuntimeError):
 class SubsetVersion:
     """One recorded subset version.
 
-    ``pushed`` is False only when :meth:`SubsetStore.write_version` could not push the data to a
-    DVC remote (push failed, or no default remote); versions from :meth:`SubsetStore.list_versions`
-    carry the default because pushing state is not recorded in git.
+    ``pushed`` is False when this checkout knows the version's data is not on the DVC remote yet
+    (the push failed or no remote is configured; it is retried with the next version or
+    :meth:`SubsetStore.push_pending`). ``push_error`` says why, for the version just written.
+    ``commit`` is empty in degraded mode (no git).
     """
 
     tag: str
@@ -71,24 +93,30 @@ class SubsetVersion:
     created: str
     meta: dict = field(hash=False)
     pushed: bool = True
+    push_error: str = field(default="", compare=False)
 
 
 class SubsetStore:
-    """Write, list and read DVC-versioned subsets in the git repository at ``repo_root``.
+    """Write, list, read and check out DVC-versioned subsets in the repository at ``repo_root``.
 
     Parameters
     ----------
     repo_root:
-        Absolute path of the top level of a git work tree.
+        Absolute path of the top level of a git work tree (or of a plain directory, see ``mode``).
     data_dir:
         Name of the DVC-tracked directory at the repository root (one path component).
     history_ref:
         Full ref name of the history that version commits are appended to.
     tag_prefix:
-        Version tags are ``f"{tag_prefix}v{k:04d}"``.
+        Version tags are ``f"{tag_prefix}v{k:04d}"`` (``f"{tag_prefix}{hash12}"`` without git).
     remote_name, remote_url:
         When ``remote_url`` (absolute path or URL) is given and the repository has no default DVC
         remote, :meth:`ensure_initialized` adds it as the default remote under ``remote_name``.
+    mode:
+        ``"git"`` requires a git work tree; ``"nogit"`` records versions by content hash; ``"auto"``
+        (default) uses git when ``repo_root`` is a git work tree and the degraded mode otherwise.
+    lock_timeout:
+        Seconds to wait for another process writing a version in the same repository.
     """
 
     def __init__(
@@ -99,11 +127,13 @@ class SubsetStore:
         tag_prefix: str = "subset-",
         remote_name: str = "local",
         remote_url: str | os.PathLike[str] | None = None,
+        mode: str = "auto",
+        lock_timeout: float = 600.0,
     ) -> None:
         root = Path(repo_root)
         if not root.is_absolute():
             raise SubsetVersionError(f"repo_root must be absolute, got {str(repo_root)!r}")
-        if not _is_plain_name(data_dir) or data_dir in (".git", ".dvc"):
+        if not _is_plain_name(data_dir) or data_dir in (".git", ".dvc", _NOGIT_DIR):
             raise SubsetVersionError(
                 f"data_dir must be a single directory name at the repository root, got {data_dir!r}"
             )
@@ -121,13 +151,23 @@ class SubsetStore:
                 raise SubsetVersionError(
                     f"remote_url must be an absolute path or a URL, got {remote_url!r}"
                 )
+        if mode not in MODES:
+            raise SubsetVersionError(f"mode must be one of {MODES}, got {mode!r}")
+        if not lock_timeout > 0:
+            raise SubsetVersionError(f"lock_timeout must be positive, got {lock_timeout!r}")
         self.repo_root = root
         self.data_dir = data_dir
         self.history_ref = history_ref
         self.tag_prefix = tag_prefix
         self.remote_name = remote_name
         self.remote_url = remote_url
+        self.mode = mode
+        self.lock_timeout = float(lock_timeout)
         self._tag_re = re.compile(rf"^{re.escape(tag_prefix)}v(\d+)$")
+        self._hash_tag_re = re.compile(rf"^{re.escape(tag_prefix)}([0-9a-f]{{12}})$")
+        self._held = threading.local()
+        self._uses_git: bool | None = None
+        self._state: Path | None = None
 
     # ------------------------------------------------------------------ paths
 
@@ -141,20 +181,52 @@ class SubsetStore:
         """Absolute path of the ``.dvc`` file that records the data directory."""
         return self.repo_root / f"{self.data_dir}.dvc"
 
+    def uses_git(self) -> bool:
+        """Whether versions are git tags (True) or content-hash records (degraded mode).
+
+        Decided on first use and kept for the life of this object.
+        """
+        if self._uses_git is None:
+            self._uses_git = self._detect_git()
+        return self._uses_git
+
+    def _detect_git(self) -> bool:
+        if not self.repo_root.is_dir():
+            raise SubsetVersionError(f"repository root {self.repo_root} does not exist")
+        if self.mode == "git":
+            self._check_git_work_tree()
+            return True
+        if self.mode == "nogit":
+            return False
+        try:
+            proc = self._git("rev-parse", "--show-toplevel", check=False)
+        except SubsetVersionError:  # git is not installed
+            return False
+        if proc.returncode != 0:
+            return False
+        self._check_git_work_tree()
+        return True
+
     # ------------------------------------------------------------------ public API
 
     def ensure_initialized(self) -> None:
-        """Check the git work tree, ``dvc init`` it if needed and configure the default remote."""
-        self._check_git_work_tree()
+        """``dvc init`` the repository if needed and configure the default remote."""
+        git = self.uses_git()
         if not (self.repo_root / Repo.DVC_DIR).is_dir():
-            # `dvc init` always stages its files; the user's index must stay as it was.
-            with self._preserve_user_index(), _quiet_dvc():
+            # `dvc init` stages its files in git; the user's index must stay as it was.
+            guard = self._preserve_user_index() if git else contextlib.nullcontext()
+            with guard, _quiet_dvc():
                 try:
-                    Repo.init(str(self.repo_root)).close()
+                    Repo.init(str(self.repo_root), no_scm=not git).close()
                 except Exception as exc:
                     raise SubsetVersionError(
                         f"dvc init failed in {self.repo_root}: {exc}"
                     ) from exc
+            if not git:
+                logger.warning(
+                    "%s is not a git work tree: subset versions are recorded by content hash "
+                    "under %s/ (degraded mode)", self.repo_root, _NOGIT_DIR,
+                )
         if self.remote_url is None:
             return
         try:
@@ -173,8 +245,10 @@ class SubsetStore:
     def check_clean(self) -> None:
         """Raise if ``data/`` was edited by hand since ``data.dvc`` was last written.
 
-        A missing ``data/`` (fresh clone, not yet pulled) or a missing ``data.dvc`` is clean.
+        A missing ``data/`` (fresh clone, not yet pulled) is clean; a non-empty ``data/`` without
+        ``data.dvc`` is not a subset version and is refused rather than replaced.
         """
+        self._check_no_foreign_data()
         if not self.dvc_file.exists() or not self.data_path.exists():
             return
         # Compare the workspace with data.dvc directly: `repo.status()` reports "not in cache"
@@ -200,13 +274,27 @@ class SubsetStore:
                 "before writing a new subset version"
             )
 
+    def _check_no_foreign_data(self) -> None:
+        data = self.data_path
+        if self.dvc_file.exists() or not (data.exists() or data.is_symlink()):
+            return
+        if data.is_dir() and not data.is_symlink() and not any(data.iterdir()):
+            return
+        raise SubsetVersionError(
+            f"{data} exists but is not a subset version ({self.dvc_file.name} is missing), so it "
+            "would be replaced: move it away or configure another data_dir. Nothing was written"
+        )
+
     def write_version(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> SubsetVersion:
         """Replace ``data/`` with ``files``, record it as a new tagged version and push it.
 
-        On failure before the version is complete, ``data/``, ``data.dvc``, ``.gitignore``, the
-        history ref and any tag created here are restored, and :class:`SubsetVersionError` is
-        raised. A failed push does not undo the version: it is logged and reported as
-        ``pushed=False``.
+        Refuses (nothing written) when ``data/`` was edited by hand, when ``data.dvc`` or ``data/``
+        has staged changes in git, when the next tag name is already taken, or when a
+        ``manifest.json`` / ``subset.csv`` among ``files`` is corrupt. On failure before the
+        version is complete, ``data/``, ``data.dvc``, ``.gitignore``, the history ref and any tag
+        or record created here are restored, and :class:`SubsetVersionError` is raised. A failed
+        push does not undo the version: it is logged, reported as ``pushed=False`` and retried
+        with the next version.
         """
         self._validate_files(files)
         meta = dict(meta)
@@ -215,71 +303,231 @@ class SubsetStore:
         except (TypeError, ValueError) as exc:
             raise SubsetVersionError(f"meta must be JSON-serialisable: {exc}") from exc
 
-        self.ensure_initialized()
-        self.check_clean()
+        git = self.uses_git()
+        with self._locked():
+            # Refusals come before `dvc init`, so that a refused write leaves no trace.
+            tag = "a new subset version"
+            if git:
+                self._check_not_staged()
+                tag = self._free_tag()
+            self._check_no_foreign_data()
+            self.ensure_initialized()
+            self.check_clean()
+            undo = _Undo(self)
+            try:
+                undo.snapshot()
+                self._swap_in_data(files, undo)
+                data_md5 = self._dvc_add()
+                if git:
+                    commit = self._commit_history(tag, data_md5, undo)
+                    summary = (
+                        f"skmm subset {tag}: {len(files)} file(s), {self.data_dir} md5 {data_md5}"
+                    )
+                    self._create_tag(tag, commit, f"{summary}\n\n{meta_json}\n")
+                    undo.tag_created = tag
+                    version = self._version(tag)
+                else:
+                    tag = self._hash_tag(data_md5)
+                    version = self._record_content_version(tag, data_md5, meta, undo)
+                if version is None:
+                    raise SubsetVersionError(f"version {tag} was recorded but cannot be read back")
+            except BaseException as exc:
+                undo.rollback()
+                if not isinstance(exc, Exception):
+                    raise
+                cause = exc if isinstance(exc, SubsetVersionError) else f"{type(exc).__name__}: {exc}"
+                raise SubsetVersionError(
+                    f"writing {tag} failed, {self.data_dir}/, {self.dvc_file.name} and the "
+                    f"version history were rolled back: {cause}"
+                ) from exc
+            undo.discard_backup()
 
-        tag = f"{self.tag_prefix}v{self._next_index():04d}"
-        undo = _Undo(self)
-        try:
-            undo.snapshot()
-            self._swap_in_data(files, undo)
-            data_md5 = self._dvc_add()
-            commit = self._commit_history(tag, data_md5, undo)
-            summary = f"skmm subset {tag}: {len(files)} file(s), {self.data_dir} md5 {data_md5}"
-            self._create_tag(tag, commit, f"{summary}\n\n{meta_json}\n")
-            undo.tag_created = tag
-            version = self._version(tag)
-            if version is None:
-                raise SubsetVersionError(f"tag {tag} was created but cannot be read back")
-        except BaseException as exc:
-            undo.rollback()
-            if not isinstance(exc, Exception):
-                raise
-            cause = exc if isinstance(exc, SubsetVersionError) else f"{type(exc).__name__}: {exc}"
-            raise SubsetVersionError(
-                f"writing subset version {tag} failed, {self.data_dir}/, {self.dvc_file.name} and "
-                f"{self.history_ref} were rolled back: {cause}"
-            ) from exc
-        undo.discard_backup()
-
-        pushed = self._push()
-        if not pushed:
-            version = dataclasses.replace(version, pushed=False)
+            self._queue_push(version)
+            still_pending, error = self._push_queued()
+        if version.tag in still_pending:
+            logger.warning(
+                "subset version %s is recorded locally but its data is not on the DVC remote "
+                "(%s); it will be pushed with the next version or `skmm versions push`",
+                version.tag, error,
+            )
+            return dataclasses.replace(version, pushed=False, push_error=error)
         return version
 
     def list_versions(self) -> list[SubsetVersion]:
-        """All recorded versions, oldest (lowest k) first."""
-        self._check_git_work_tree()
-        versions = self._scan_versions(f"refs/tags/{self.tag_prefix}v*")
-        versions.sort(key=lambda v: self._index_of(v.tag))
-        return versions
+        """All recorded versions, oldest first."""
+        if self.uses_git():
+            versions = self._scan_versions(f"refs/tags/{self.tag_prefix}v*", warn=True)
+            versions.sort(key=lambda v: self._index_of(v.tag))
+        else:
+            versions = [version for _, version in self._scan_records()]
+        pending = set(self._read_queue())
+        return [dataclasses.replace(v, pushed=False) if v.tag in pending else v for v in versions]
 
     def latest(self) -> SubsetVersion | None:
         """The most recent version, or None when nothing was recorded yet."""
         versions = self.list_versions()
         return versions[-1] if versions else None
 
+    def get(self, tag: str) -> SubsetVersion:
+        """The version called ``tag``; a clear error if there is none."""
+        git = self.uses_git()
+        name_ok = isinstance(tag, str) and (
+            (self._tag_re if git else self._hash_tag_re).match(tag) is not None
+        )
+        version = (self._version(tag) if git else self._record(tag)) if name_ok else None
+        if version is None:
+            if name_ok and git and self._git(
+                "for-each-ref", "--format=%(objecttype)", f"refs/tags/{tag}"
+            ).stdout.strip():
+                raise SubsetVersionError(
+                    f"tag {tag!r} exists in {self.repo_root} but is not a readable subset version "
+                    "(lightweight tag, or its message has no valid JSON metadata)"
+                )
+            known = [v.tag for v in self.list_versions()]
+            hint = (f"known: {known[0]} … {known[-1]}" if len(known) > 1
+                    else f"known: {known[0]}" if known else "no versions recorded yet")
+            raise SubsetVersionError(
+                f"unknown subset version {tag!r} in {self.repo_root} ({hint}; see `skmm versions list`)"
+            )
+        if version.tag in set(self._read_queue()):
+            version = dataclasses.replace(version, pushed=False)
+        return version
+
     def read_file(self, tag: str, name: str) -> bytes:
-        """Bytes of ``data/<name>`` as of version ``tag``, without checking anything out."""
+        """Bytes of ``data/<name>`` as of version ``tag``, without checking anything out.
+
+        Data missing from the local DVC cache is fetched from the remote.
+        """
         if not _is_plain_name(name):
             raise SubsetVersionError(
                 f"file name must be a plain name inside {self.data_dir}/, got {name!r}"
             )
-        self._check_git_work_tree()
-        known = isinstance(tag, str) and self._tag_re.match(tag) is not None
-        if not known or self._version(tag) is None:
-            raise SubsetVersionError(f"unknown subset version {tag!r} in {self.repo_root}")
-        import dvc.api
+        version = self.get(tag)
+        if self.uses_git():
+            import dvc.api
 
+            try:
+                with _quiet_dvc():
+                    return dvc.api.read(
+                        f"{self.data_dir}/{name}", repo=str(self.repo_root), rev=tag, mode="rb"
+                    )
+            except Exception as exc:
+                try:
+                    files = self.list_files(tag)
+                except SubsetVersionError:
+                    files = None
+                if files is not None and name not in files:
+                    raise SubsetVersionError(
+                        f"subset version {tag} has no {self.data_dir}/{name} "
+                        f"(it holds: {', '.join(files)})"
+                    ) from None
+                raise SubsetVersionError(
+                    f"cannot read {self.data_dir}/{name} from subset version {tag}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        with self._dvc_repo() as repo:
+            entries = self._fetch_objects(repo, version)
+            if name not in entries:
+                raise SubsetVersionError(
+                    f"subset version {tag} has no {self.data_dir}/{name} "
+                    f"(it holds: {', '.join(sorted(entries))})"
+                )
+            return _read_verified(repo, entries[name], f"{self.data_dir}/{name} of {tag}")
+
+    def list_files(self, tag: str) -> list[str]:
+        """Names of the files under ``data/`` in version ``tag``."""
+        version = self.get(tag)
         try:
-            return dvc.api.read(
-                f"{self.data_dir}/{name}", repo=str(self.repo_root), rev=tag, mode="rb"
-            )
+            if self.uses_git():
+                from dvc.api import DVCFileSystem
+
+                with _quiet_dvc():
+                    fs = DVCFileSystem(str(self.repo_root), rev=tag)
+                    try:
+                        return sorted(Path(p).name for p in fs.ls(self.data_dir, detail=False))
+                    finally:
+                        fs.close()
+            with _quiet_dvc(), Repo(str(self.repo_root)) as repo:
+                return sorted(self._fetch_objects(repo, version))
+        except SubsetVersionError:
+            raise
         except Exception as exc:
             raise SubsetVersionError(
-                f"cannot read {self.data_dir}/{name} from subset version {tag}: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot list the files of subset version {tag}: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def checkout(self, tag: str, force: bool = False) -> SubsetVersion:
+        """Restore ``data/`` and ``data.dvc`` in the work tree to version ``tag``.
+
+        Data missing from the local cache is fetched from the DVC remote first, so a failed fetch
+        changes nothing. Hand edits in ``data/`` are refused unless ``force`` (then discarded). In
+        git mode the checked-out branch and the index are untouched; only the work tree's
+        ``data/`` and ``data.dvc`` change (plus DVC's metadata, restored from the tag when the
+        work tree has none, e.g. in a fresh clone).
+        """
+        git = self.uses_git()
+        with self._locked():
+            version = self.get(tag)
+            dvc_text = self._dvc_file_bytes(version)
+            if git and not (self.repo_root / Repo.DVC_DIR).is_dir():
+                self._restore_dvc_metadata(version)
+            self.ensure_initialized()
+            if not force:
+                self.check_clean()
+            with self._dvc_repo() as repo:
+                self._fetch_objects(repo, version)
+            before = self.dvc_file.read_bytes() if self.dvc_file.exists() else None
+            try:
+                _atomic_write(self.dvc_file, dvc_text)
+                self._dvc_checkout()
+            except BaseException as exc:
+                _restore_bytes(self.dvc_file, before)
+                if before is not None:
+                    with contextlib.suppress(Exception):
+                        self._dvc_checkout()
+                if not isinstance(exc, Exception):
+                    raise
+                raise SubsetVersionError(
+                    f"checking out subset version {tag} failed; {self.dvc_file.name} was restored: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if git:
+                self._ensure_data_ignored()
+        return version
+
+    def pending_pushes(self) -> list[str]:
+        """Tags of versions recorded here whose data has not reached the DVC remote yet."""
+        self.uses_git()
+        return self._read_queue()
+
+    def push_pending(self) -> list[str]:
+        """Push every queued version to the default DVC remote; returns the tags pushed.
+
+        Raises :class:`SubsetVersionError` (and keeps the queue) when some could not be pushed.
+        """
+        with self._locked():
+            queued = self._read_queue()
+            if not queued:
+                return []
+            still_pending, error = self._push_queued()
+        if still_pending:
+            raise SubsetVersionError(
+                f"could not push {len(still_pending)} subset version(s) "
+                f"({', '.join(still_pending)}) from {self.repo_root} to the DVC remote: {error}. "
+                "They stay recorded locally and queued for the next push"
+            )
+        return queued
+
+    @contextlib.contextmanager
+    def _dvc_repo(self) -> Iterator[Repo]:
+        try:
+            repo = Repo(str(self.repo_root))
+        except Exception as exc:
+            raise SubsetVersionError(
+                f"cannot open the DVC repository in {self.repo_root}: {type(exc).__name__}: {exc}"
+            ) from exc
+        with _quiet_dvc(), repo:
+            yield repo
 
     # ------------------------------------------------------------------ git helpers
 
@@ -336,12 +584,14 @@ class SubsetStore:
                 env.setdefault(f"GIT_{who}_{role}", fallback)
         return env
 
+    def _git_path(self, *args: str) -> Path:
+        path = Path(self._git("rev-parse", *args).stdout.strip())
+        return path if path.is_absolute() else self.repo_root / path
+
     @contextlib.contextmanager
     def _preserve_user_index(self) -> Iterator[None]:
         """Put the user's index file back byte for byte after DVC staged files into it."""
-        index = Path(self._git("rev-parse", "--git-path", "index").stdout.strip())
-        if not index.is_absolute():
-            index = self.repo_root / index
+        index = self._git_path("--git-path", "index")
         before = index.read_bytes() if index.exists() else None
         try:
             yield
@@ -353,7 +603,153 @@ class SubsetStore:
                 else:
                     _atomic_write(index, before)
 
-    # ------------------------------------------------------------------ versions
+    def _ensure_data_ignored(self) -> None:
+        """Add ``/data`` to the work tree's .gitignore, as ``dvc add`` does, if git sees data/."""
+        if self._git("check-ignore", "-q", "--", self.data_dir, check=False).returncode == 0:
+            return
+        gitignore = self.repo_root / ".gitignore"
+        content = gitignore.read_bytes() if gitignore.exists() else b""
+        if content and not content.endswith(b"\n"):
+            content += b"\n"
+        _atomic_write(gitignore, content + f"/{self.data_dir}\n".encode())
+
+    def _check_not_staged(self) -> None:
+        """Refuse when the user staged changes to the paths a version writes.
+
+        Other staged changes are harmless: history commits are built from a private index.
+        """
+        staged = self._git(
+            "diff", "--cached", "--name-only", "--", self.dvc_file.name, self.data_dir
+        ).stdout.split()
+        if staged:
+            raise SubsetVersionError(
+                f"the git index in {self.repo_root} has staged changes to {', '.join(staged)}, "
+                "which a new subset version would contradict; commit or unstage them "
+                f"(`git restore --staged {' '.join(staged)}`) first. Nothing was written"
+            )
+
+    # ------------------------------------------------------------------ state and lock
+
+    def _state_dir(self) -> Path:
+        """Local, unversioned state: the write lock and the queue of unpushed versions."""
+        if self._state is None:
+            self._state = (
+                self._git_path("--git-common-dir") / "skmm-subsets" if self.uses_git()
+                else self.repo_root / _NOGIT_DIR
+            )
+        return self._state
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise writers of this repository across threads and processes (``flock``)."""
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        import fcntl
+
+        state = self._state_dir()
+        state.mkdir(parents=True, exist_ok=True)
+        path = state / "write.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SubsetVersionError(
+                            f"another process has been writing a subset version in "
+                            f"{self.repo_root} for over {self.lock_timeout:.0f} s (lock {path}); "
+                            "try again later"
+                        ) from None
+                    time.sleep(0.05)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _queue_file(self) -> Path:
+        return self._state_dir() / "unpushed.json"
+
+    def _read_queue(self) -> list[str]:
+        path = self._queue_file()
+        if not path.exists():
+            return []
+        try:
+            queued = json.loads(path.read_text())
+            if isinstance(queued, list) and all(isinstance(t, str) for t in queued):
+                return queued
+        except (OSError, ValueError):
+            pass
+        logger.warning("ignoring the unreadable push queue %s", path)
+        return []
+
+    def _write_queue(self, tags: list[str]) -> None:
+        path = self._queue_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(tags).encode())
+
+    def _queue_push(self, version: SubsetVersion) -> None:
+        queued = self._read_queue()
+        if version.tag not in queued:
+            self._write_queue(queued + [version.tag])
+
+    def _push_queued(self) -> tuple[list[str], str]:
+        """Push the data of every queued version; returns (tags still queued, why)."""
+        queued = self._read_queue()
+        if not queued:
+            return [], ""
+        errors: list[str] = []
+        remaining: list[str] = []
+        where = ""
+        try:
+            with _capture_dvc_messages() as messages, Repo(str(self.repo_root)) as repo:
+                name = repo.config["core"].get("remote")
+                if not name:
+                    return queued, (
+                        "no default DVC remote is configured (add one with "
+                        "`dvc remote add -d NAME URL`)"
+                    )
+                where = f"remote {name!r} ({repo.config['remote'].get(name, {}).get('url', '?')})"
+                git = self.uses_git()
+                per_tag: dict[str, set] = {}
+                for tag in queued:
+                    version = self._version(tag) if git else self._record(tag)
+                    if version is None:
+                        logger.warning("queued subset version %s no longer exists; not pushed", tag)
+                        continue
+                    try:
+                        per_tag[tag] = self._local_objects(repo, version)
+                    except SubsetVersionError as exc:
+                        errors.append(str(exc))
+                        remaining.append(tag)
+                objs = set().union(*per_tag.values()) if per_tag else set()
+                failed = set(repo.cloud.push(objs).failed) if objs else set()
+                remaining += [t for t, o in per_tag.items() if o & failed]
+                if failed:
+                    errors.append(
+                        f"{len(failed)} object(s) failed to upload to {where}"
+                        + (f": {messages[0]}" if messages else "")
+                    )
+        except Exception as exc:
+            remaining = queued
+            errors.append(f"{where}: {type(exc).__name__}: {exc}" if where else
+                          f"{type(exc).__name__}: {exc}")
+        remaining = [t for t in queued if t in set(remaining)]
+        self._write_queue(remaining)
+        return remaining, "; ".join(errors)
+
+    # ------------------------------------------------------------------ versions (git)
 
     def _index_of(self, tag: str) -> int:
         match = self._tag_re.match(tag)
@@ -375,16 +771,30 @@ class SubsetStore:
                 taken.append(int(match.group(1)))
         return max(taken) + 1
 
+    def _free_tag(self) -> str:
+        tag = f"{self.tag_prefix}v{self._next_index():04d}"
+        if self._git("check-ref-format", f"refs/tags/{tag}", check=False).returncode != 0:
+            raise SubsetVersionError(f"{tag!r} is not a valid tag name; choose another tag_prefix")
+        kind = self._git("for-each-ref", "--format=%(objecttype)", f"refs/tags/{tag}").stdout.strip()
+        if kind:
+            raise SubsetVersionError(
+                f"the next subset version tag {tag} is already taken in {self.repo_root} by a "
+                f"lightweight tag ({kind}) that is not a subset version; delete or rename it "
+                f"(`git tag -d {tag}`) or configure another tag_prefix. Nothing was written"
+            )
+        return tag
+
     def _version(self, tag: str) -> SubsetVersion | None:
         found = [v for v in self._scan_versions(f"refs/tags/{tag}") if v.tag == tag]
         return found[0] if found else None
 
-    def _scan_versions(self, pattern: str) -> list[SubsetVersion]:
+    def _scan_versions(self, pattern: str, warn: bool = False) -> list[SubsetVersion]:
         fields = ("%(refname:strip=2)", "%(objecttype)", "%(*objectname)",
                   "%(taggerdate:iso-strict)", "%(contents)")
         out = self._git("for-each-ref", "--format=" + "%00".join(fields) + "%00", pattern).stdout
         parts = out.split("\0")
         candidates = []
+        report = logger.warning if warn else logger.debug
         for i in range(0, len(parts) - len(fields) + 1, len(fields)):
             name, objtype, commit, date, message = parts[i:i + len(fields)]
             name = name.lstrip("\n")
@@ -392,7 +802,8 @@ class SubsetStore:
                 continue
             meta = _parse_meta(message)
             if meta is None:
-                logger.debug("tag %s has no JSON metadata; not a subset version", name)
+                report("tag %s matches the subset version scheme but its message has no valid "
+                       "JSON metadata; it is not listed", name)
                 continue
             candidates.append((name, commit, date, meta))
         blobs = self._cat_blobs([f"{c[1]}:{self.dvc_file.name}" for c in candidates])
@@ -400,8 +811,7 @@ class SubsetStore:
         for (name, commit, date, meta), blob in zip(candidates, blobs):
             md5 = self._md5_from_dvc_file(blob, name) if blob is not None else None
             if md5 is None:
-                logger.debug("tag %s has no usable %s; not a subset version",
-                             name, self.dvc_file.name)
+                report("tag %s has no usable %s; it is not listed", name, self.dvc_file.name)
                 continue
             versions.append(SubsetVersion(
                 tag=name, commit=commit, data_md5=md5, created=_to_utc_iso(date), meta=meta,
@@ -445,6 +855,164 @@ class SubsetStore:
             logger.debug("cannot parse %s at %s", self.dvc_file.name, where, exc_info=True)
         return None
 
+    def _dvc_file_bytes(self, version: SubsetVersion) -> bytes:
+        if version.commit:
+            blob = self._cat_blobs([f"{version.commit}:{self.dvc_file.name}"])[0]
+        else:
+            record = self._read_record(version.tag)
+            blob = record["dvc_file"].encode() if record else None
+        if blob is None or self._md5_from_dvc_file(blob, version.tag) != version.data_md5:
+            raise SubsetVersionError(f"{self.dvc_file.name} of subset version {version.tag} is unreadable")
+        return blob
+
+    def _restore_dvc_metadata(self, version: SubsetVersion) -> None:
+        """Write DVC's metadata recorded with ``version`` into a work tree that has none."""
+        blobs = self._cat_blobs([f"{version.commit}:{p}" for p in _DVC_METADATA_FILES])
+        for rel, blob in zip(_DVC_METADATA_FILES, blobs):
+            path = self.repo_root / rel
+            if blob is not None and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, blob)
+
+    # ------------------------------------------------------------------ versions (no git)
+
+    def _hash_tag(self, data_md5: str) -> str:
+        return f"{self.tag_prefix}{data_md5.split('.')[0][:12]}"
+
+    def _record_path(self, tag: str) -> Path:
+        return self.repo_root / _NOGIT_DIR / "records" / f"{tag}.json"
+
+    def _read_record(self, tag: str) -> dict | None:
+        path = self._record_path(tag)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if not (isinstance(record, dict) and record.get("tag") == tag
+                    and isinstance(record.get("meta"), dict)
+                    and isinstance(record.get("dvc_file"), str)
+                    and isinstance(record.get("seq"), int)):
+                raise ValueError("missing or mistyped fields")
+        except ValueError as exc:
+            logger.warning("version record %s is corrupt (%s); it is not listed", path, exc)
+            return None
+        return record
+
+    def _record_entry(self, tag: str) -> tuple[int, SubsetVersion] | None:
+        """(sequence number, version) of a degraded-mode record, None if absent or corrupt."""
+        record = self._read_record(tag)
+        if record is None:
+            return None
+        md5 = self._md5_from_dvc_file(record["dvc_file"].encode(), str(self._record_path(tag)))
+        if md5 is None or self._hash_tag(md5) != tag:
+            logger.warning("version record %s does not match its tag; it is not listed",
+                           self._record_path(tag))
+            return None
+        version = SubsetVersion(tag=tag, commit="", data_md5=md5,
+                                created=str(record.get("created", "")), meta=record["meta"])
+        return record["seq"], version
+
+    def _record(self, tag: str) -> SubsetVersion | None:
+        entry = self._record_entry(tag)
+        return entry[1] if entry else None
+
+    def _scan_records(self) -> list[tuple[int, SubsetVersion]]:
+        """Every readable degraded-mode record, in the order they were written."""
+        folder = self.repo_root / _NOGIT_DIR / "records"
+        entries = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            tag = path.name[: -len(".json")]
+            entry = self._record_entry(tag) if self._hash_tag_re.match(tag) else None
+            if entry is not None:
+                entries.append(entry)
+        return sorted(entries, key=lambda entry: entry[0])
+
+    def _record_content_version(
+        self, tag: str, data_md5: str, meta: dict, undo: _Undo
+    ) -> SubsetVersion | None:
+        existing = self._read_record(tag)
+        if existing is not None:
+            version = self._record(tag)
+            if version is not None and version.data_md5 == data_md5:
+                logger.info("%s holds the same content as %s; no new version recorded",
+                            self.data_dir, tag)
+                return version
+            raise SubsetVersionError(
+                f"content-hash tag {tag} is already taken by a different version; "
+                "configure another tag_prefix"
+            )
+        seq = max((seq for seq, _ in self._scan_records()), default=0) + 1
+        record = {
+            "tag": tag,
+            "seq": seq,
+            "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            "data_md5": data_md5,
+            "meta": meta,
+            "dvc_file": self.dvc_file.read_text(),
+        }
+        path = self._record_path(tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(record, indent=2, sort_keys=True).encode())
+        undo.record_created = path
+        return self._record(tag)
+
+    # ------------------------------------------------------------------ DVC objects
+
+    def _local_objects(self, repo: Repo, version: SubsetVersion) -> set:
+        """Hash infos of a version's directory object and files, all present in the local cache."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.tree import Tree
+
+        odb = repo.cache.local
+        dir_hash = HashInfo("md5", version.data_md5)
+        try:
+            tree = Tree.load(odb, dir_hash)
+        except Exception as exc:
+            raise SubsetVersionError(
+                f"the data of subset version {version.tag} is not in the local DVC cache "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        objs = {dir_hash} | {oid for _, _, oid in tree}
+        missing = [o.value for o in objs if not odb.exists(o.value)]
+        if missing:
+            raise SubsetVersionError(
+                f"{len(missing)} object(s) of subset version {version.tag} are missing from the "
+                "local DVC cache"
+            )
+        return objs
+
+    def _fetch_objects(self, repo: Repo, version: SubsetVersion) -> dict[str, Any]:
+        """Make a version's data local (fetching from the remote if needed); name -> hash info."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.tree import Tree
+
+        odb = repo.cache.local
+        dir_hash = HashInfo("md5", version.data_md5)
+        try:
+            tree = Tree.load(odb, dir_hash)
+        except Exception:
+            try:
+                tree = Tree.load(repo.cloud.get_remote_odb(None, "pull"), dir_hash)
+            except Exception as exc:
+                raise SubsetVersionError(
+                    f"the data of subset version {version.tag} is neither in the local DVC cache "
+                    f"nor readable from the DVC remote: {type(exc).__name__}: {exc}"
+                ) from exc
+        entries = {"/".join(key): oid for key, _, oid in tree}
+        objs = {dir_hash} | set(entries.values())
+        if any(not odb.exists(o.value) for o in objs):
+            with _capture_dvc_messages() as messages:
+                try:
+                    failed = repo.cloud.pull(objs).failed
+                except Exception as exc:
+                    failed, messages = objs, [f"{type(exc).__name__}: {exc}"]
+            if failed:
+                raise SubsetVersionError(
+                    f"could not fetch {len(failed)} object(s) of subset version {version.tag} "
+                    f"from the DVC remote" + (f": {messages[0]}" if messages else "")
+                )
+        return entries
+
     # ------------------------------------------------------------------ write steps
 
     def _validate_files(self, files: Mapping[str, bytes]) -> None:
@@ -460,6 +1028,9 @@ class SubsetStore:
                 raise SubsetVersionError(
                     f"content of {name!r} must be bytes, got {type(content).__name__}"
                 )
+        from skmm_pipeline.versioning.subsets import check_subset_files
+
+        check_subset_files(files)
 
     def _swap_in_data(self, files: Mapping[str, bytes], undo: _Undo) -> None:
         """Write ``files`` into a sibling directory, then rename it over ``data/``.
@@ -488,7 +1059,8 @@ class SubsetStore:
 
     def _dvc_add(self) -> str:
         # Preserve the index in case the user enabled core.autostage.
-        with self._preserve_user_index(), _quiet_dvc(), Repo(str(self.repo_root)) as repo:
+        guard = self._preserve_user_index() if self.uses_git() else contextlib.nullcontext()
+        with guard, _quiet_dvc(), Repo(str(self.repo_root)) as repo:
             stages = repo.add([str(self.data_path)])
         md5 = self._md5_from_dvc_file(self.dvc_file.read_bytes(), "working tree")
         if md5 is None:
@@ -497,15 +1069,25 @@ class SubsetStore:
             )
         return md5
 
+    def _dvc_checkout(self) -> None:
+        with _quiet_dvc(), Repo(str(self.repo_root)) as repo:
+            repo.checkout(targets=[str(self.dvc_file)], force=True)
+        self.check_clean()
+
     def _commit_history(self, tag: str, data_md5: str, undo: _Undo) -> str:
         paths = [self.dvc_file.name] + [
-            p for p in _METADATA_FILES if (self.repo_root / p).is_file()
+            p for p in _DVC_METADATA_FILES if (self.repo_root / p).is_file()
         ]
         env = self._identity_env()
+        gitignore = self._git(
+            "hash-object", "-w", "--stdin", input=f"/{self.data_dir}\n"
+        ).stdout.strip()
         with tempfile.TemporaryDirectory(prefix="skmm-index-") as tmp:
             # A private index: the user's staged changes are neither used nor disturbed.
             env["GIT_INDEX_FILE"] = os.path.join(tmp, "index")
             self._git("update-index", "--add", "--", *paths, env=env)
+            self._git("update-index", "--add", "--cacheinfo", f"100644,{gitignore},.gitignore",
+                      env=env)
             tree = self._git("write-tree", env=env).stdout.strip()
         parent = self._rev(self.history_ref)
         undo.old_ref = parent
@@ -521,30 +1103,11 @@ class SubsetStore:
         return commit
 
     def _create_tag(self, tag: str, commit: str, message: str) -> None:
-        if self._git("check-ref-format", f"refs/tags/{tag}", check=False).returncode != 0:
-            raise SubsetVersionError(f"{tag!r} is not a valid tag name")
         # No -f: an existing tag of that name makes git fail instead of moving it.
         self._git(
             "-c", "tag.gpgSign=false", "tag", "-a", "--cleanup=verbatim", "-F", "-", tag, commit,
             input=message, env=self._identity_env(),
         )
-
-    def _push(self) -> bool:
-        try:
-            with _quiet_dvc(), Repo(str(self.repo_root)) as repo:
-                remote = repo.config["core"].get("remote")
-                if not remote:
-                    logger.info("no default DVC remote in %s; subset data stays in the local cache",
-                                self.repo_root)
-                    return False
-                repo.push(targets=[str(self.dvc_file)])
-        except Exception as exc:
-            logger.warning(
-                "subset version recorded locally but `dvc push` from %s failed: %s",
-                self.repo_root, exc,
-            )
-            return False
-        return True
 
 
 class _Undo:
@@ -560,6 +1123,7 @@ class _Undo:
         self.old_ref: str | None = None
         self.ref_updated = False
         self.tag_created: str | None = None
+        self.record_created: Path | None = None
 
     def snapshot(self) -> None:
         store = self.store
@@ -573,6 +1137,8 @@ class _Undo:
         steps = []
         if self.tag_created:
             steps.append(lambda: store._git("tag", "-d", self.tag_created))
+        if self.record_created:
+            steps.append(lambda: self.record_created.unlink(missing_ok=True))
         if self.ref_updated:
             if self.old_ref:
                 steps.append(lambda: store._git("update-ref", store.history_ref, self.old_ref))
@@ -632,6 +1198,17 @@ def _to_utc_iso(date: str) -> str:
         return date
 
 
+def _read_verified(repo: Repo, oid: Any, what: str) -> bytes:
+    """Bytes of a cached file object, checked against its md5 (a damaged cache is an error)."""
+    data = Path(repo.cache.local.oid_to_path(oid.value)).read_bytes()
+    if hashlib.md5(data).hexdigest() != oid.value:
+        raise SubsetVersionError(
+            f"{what} is corrupt in the DVC cache {repo.cache.local.path} (md5 mismatch); remove "
+            "that object and read again to fetch it from the remote"
+        )
+    return data
+
+
 def _atomic_write(path: Path, content: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_bytes(content)
@@ -674,4 +1251,28 @@ def _quiet_dvc() -> Iterator[None]:
     try:
         yield
     finally:
+        dvc_logger.setLevel(level)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage().strip())
+
+
+@contextlib.contextmanager
+def _capture_dvc_messages() -> Iterator[list[str]]:
+    """Collect DVC's warnings and errors instead of printing them: callers report them once."""
+    dvc_logger = logging.getLogger("dvc")
+    handlers, level = dvc_logger.handlers[:], dvc_logger.level
+    messages: list[str] = []
+    dvc_logger.handlers = [_ListHandler(messages)]
+    dvc_logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        dvc_logger.handlers = handlers
         dvc_logger.setLevel(level)
