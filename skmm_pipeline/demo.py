@@ -30,7 +30,13 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def run_demo(
-    root: Path, budget: int = 40, seed: int = 0, n_shards: int = 3, pretrain_epochs: int = 40, log=print
+    root: Path,
+    budget: int = 40,
+    seed: int = 0,
+    n_shards: int = 3,
+    pretrain_epochs: int = 40,
+    finetune_mode: str = "ft1",
+    log=print,
 ) -> dict:
     """Register the embedded shards and materialize the whole graph; returns finetune_eval's record."""
     import dagster as dg
@@ -46,7 +52,7 @@ def run_demo(
     root = Path(root).resolve()
     # Fail before any work if the budget cannot be met by the pool.
     check_budget(budget, len(load_digits_transfer().pool.labels))
-    settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs)
+    settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs, finetune_mode=finetune_mode)
     defs = build_definitions(root, settings=settings)
     # A dirty data/ would make the versioning step fail after all the work: refuse up front.
     defs.resources["dvc"].store().check_clean()
@@ -85,14 +91,14 @@ def run_demo(
 def format_report(record: dict) -> str:
     import pandas as pd
 
-    table = pd.DataFrame(record["rows"])[["method", "n", "test_accuracy", "sem"]]
+    table = pd.DataFrame(record["rows"])[["finetune", "method", "n", "test_accuracy", "sem"]]
     table["test accuracy (%)"] = [
         f"{100 * a:.1f}" + (f" ± {100 * s:.1f}" if s else "") for a, s in zip(table.test_accuracy, table["sem"])
     ]
-    table = table[["method", "n", "test accuracy (%)"]]
+    table = table[["finetune", "method", "n", "test accuracy (%)"]]
     lines = [
         "",
-        "FT-1 test accuracy on the digits 5-9 test split:",
+        "Test accuracy on the digits 5-9 test split:",
         table.to_string(index=False),
         "",
         f"subset version (DVC tag): {record['dvc_tag']}   (git show {record['dvc_tag']}; skmm versions list)",

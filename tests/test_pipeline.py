@@ -147,3 +147,51 @@ def test_failed_versioning_keeps_last_good_version(versioned_project, dagster_ho
     store = SubsetStore(str(project))
     assert [v.tag for v in store.list_versions()] == ["subset-v0001"]
     assert store.read_file("subset-v0001", "subset.csv") == good
+
+
+def test_ft2_evaluation_on_eval_splits_from_the_workspace(versioned_project, dagster_home):
+    from skmm_pipeline.data.digits import load_digits_transfer
+
+    project, _ = versioned_project
+    data = load_digits_transfer()
+    eval_dir = project / ".skmm" / "eval"
+    write_shard(eval_dir / "val.npz", data.val.images, data.val.labels)
+    write_shard(eval_dir / "test.npz", data.test.images, data.test.labels)
+    record = run_demo(project, **{**TINY, "budget": 20}, finetune_mode="both")
+    assert {r["finetune"] for r in record["rows"]} == {"FT-1", "FT-2"}
+    metrics = record["metrics"]
+    for key in ("acc_skmm", "ft2_acc_skmm", "ft2_acc_uniform_mean", "ft2_acc_full_pool", "ft2_macro_f1_skmm"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    run = MlflowClient(record["mlflow_tracking_uri"]).get_run(record["mlflow_run_id"])
+    assert run.data.params["eval_splits"] == str(eval_dir) and run.data.params["finetune"] == "both"
+
+
+def test_torchvision_backbone_on_image_shards(versioned_project):
+    """The same graph on a user's data: RGB shards, eval splits in the workspace, a resnet18 from config."""
+    project, _ = versioned_project
+    rng = np.random.default_rng(0)
+
+    def images(n, k):  # three classes told apart by colour, so the splits are learnable
+        labels = np.arange(n) % k
+        x = rng.normal(0, 0.3, size=(n, 3, 32, 32)).astype(np.float32)
+        x[np.arange(n), labels] += 1.0
+        return x, labels
+
+    settings = SkmmSettings(backbone="resnet18", backbone_weights="", budget=6, uniform_repeats=2, sketch_dim=32)
+    defs = build_definitions(project, settings=settings)
+    ws = defs.resources["workspace"]
+    for name in ("photos-a", "photos-b"):
+        write_shard(ws.landing / f"{name}.npz", *images(24, 3))
+    write_shard(ws.evaluation / "val.npz", *images(15, 3))
+    write_shard(ws.evaluation / "test.npz", *images(15, 3))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, ["photos-a", "photos-b"])
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        for name in ("photos-a", "photos-b"):
+            assert defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=name).success
+        result = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
+        assert result.success
+        record = result.output_for_node("finetune_eval")
+    assert record["metrics"]["acc_full_pool"] > 0.5
+    model = result.output_for_node("skmm_selection")
+    assert model["sketch_identity"]["input_dim"] == 513  # resnet18 features + bias

@@ -74,37 +74,43 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Out
     group_name="skmm",
     code_version="1",
     kinds={"pytorch"},
-    description="The pretrained backbone (embedded scenario: a small CNN trained on digits 0-4) whose head is finetuned.",
+    description="The pretrained backbone whose head is finetuned: the embedded small CNN trained on digits 0-4, "
+    "or a torchvision backbone with local weights (settings.backbone).",
 )
 def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, workspace: Workspace) -> dg.Output[dict]:
-    from skmm_pipeline.data.digits import load_digits_transfer
     from skmm_pipeline.data.shards import atomic_write_bytes
-    from skmm_pipeline.models.small_cnn import accuracy, pretrain, save_model, select_device, state_dict_id
+    from skmm_pipeline.models.backbones import build_backbone, model_id, save_backbone
+    from skmm_pipeline.models.small_cnn import select_device
 
     device = select_device(settings.device)
-    data = load_digits_transfer()
+    meta: dict = {"device": str(device), "backbone": settings.backbone}
     t0 = time.perf_counter()
-    model = pretrain(
-        data.source_train.images, data.source_train.labels, data.num_classes,
-        epochs=settings.pretrain_epochs, seed=settings.seed, device=device,
-    )
-    seconds = time.perf_counter() - t0
-    model_id = state_dict_id(model)
-    path = workspace.artifacts / "models" / f"small_cnn-{model_id}.pt"
-    atomic_write_bytes(path, save_model(model))
-    src_acc = accuracy(model, data.source_val.images, data.source_val.labels, device)
-    record = {"path": str(path), "model_id": model_id, "feature_dim": model.feature_dim, "num_classes": model.num_classes}
-    return dg.Output(
-        record,
-        data_version=dg.DataVersion(model_id),
-        metadata={
-            "model_id": model_id,
-            "source_val_accuracy": src_acc,
-            "train_seconds": seconds,
-            "device": str(device),
-            "path": dg.MetadataValue.path(str(path)),
-        },
-    )
+    if settings.backbone == "small_cnn":
+        from skmm_pipeline.data.digits import load_digits_transfer
+        from skmm_pipeline.models.small_cnn import accuracy, pretrain
+
+        data = load_digits_transfer()
+        model = pretrain(
+            data.source_train.images, data.source_train.labels, data.num_classes,
+            epochs=settings.pretrain_epochs, seed=settings.seed, device=device,
+        )
+        meta["source_val_accuracy"] = accuracy(model, data.source_val.images, data.source_val.labels, device)
+        meta["train_seconds"] = time.perf_counter() - t0
+    else:
+        num_classes = settings.num_classes or eval_splits(workspace).num_classes
+        weights = settings.backbone_weights or None
+        model = build_backbone(settings.backbone, num_classes, weights=weights, seed=settings.seed,
+                               image_size=settings.image_size)
+        meta["weights"] = str(weights)
+    mid = model_id(model)
+    path = workspace.artifacts / "models" / f"{settings.backbone}-{mid}.pt"
+    atomic_write_bytes(path, save_backbone(model))
+    record = {
+        "path": str(path), "model_id": mid, "arch": settings.backbone,
+        "feature_dim": model.feature_dim, "num_classes": model.num_classes,
+    }
+    meta.update({"model_id": mid, "num_classes": model.num_classes, "path": dg.MetadataValue.path(str(path))})
+    return dg.Output(record, data_version=dg.DataVersion(mid), metadata=meta)
 
 
 @dg.asset(
@@ -121,10 +127,11 @@ def gradient_sketch(
     from skmm_pipeline.core.gradients import gradient_dim
     from skmm_pipeline.core.sketch import make_sketch
     from skmm_pipeline.data.shards import atomic_save_npz, read_shard
-    from skmm_pipeline.models.small_cnn import load_model, select_device, sketch_head_gradients
+    from skmm_pipeline.models.backbones import load_backbone
+    from skmm_pipeline.models.small_cnn import select_device, sketch_head_gradients
 
     device = select_device(settings.device)
-    model = load_model(Path(pretrained_model["path"]), device)
+    model = load_backbone(Path(pretrained_model["path"]), device)
     shard = read_shard(Path(raw_shard["path"]))
     r = gradient_dim(model.feature_dim, model.num_classes, settings.label_mode)
     sketch = make_sketch(settings.sketch_kind, r, settings.sketch_dim, settings.seed, SKETCH_PARAMS)
@@ -232,49 +239,103 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
     group_name="skmm",
     code_version="1",
     pool="dvc",
-    kinds={"dvc"},
+    kinds={"dvc", "mlflow"},
     description="The selected subset written under data/, added to DVC, tagged on the subset-history ref and pushed.",
 )
-def subset_version(context: dg.AssetExecutionContext, skmm_selection: dict, dvc: DvcVersioning) -> dg.Output[dict]:
-    import pandas as pd
+def subset_version(
+    context: dg.AssetExecutionContext, skmm_selection: dict, dvc: DvcVersioning, mlflow: MlflowTracking
+) -> dg.Output[dict]:
+    from skmm_pipeline.versioning.subsets import SubsetManifest, record_subset_version
 
-    sel = skmm_selection
-    table = pd.DataFrame(
-        {
-            "sample_id": sel["sample_ids"],
-            "shard": [s.split("/")[0] for s in sel["sample_ids"]],
-            "row": [int(s.split("/")[1]) for s in sel["sample_ids"]],
-            "weight": sel["weights"],
-            "rank": range(len(sel["sample_ids"])),
-        }
-    )
-    manifest = {k: v for k, v in sel.items() if k not in ("sample_ids", "weights")}
-    manifest["dagster_run_id"] = context.run_id
-    files = {
-        "subset.csv": table.to_csv(index=False).encode(),
-        "manifest.json": json.dumps(manifest, indent=2, sort_keys=True, default=float).encode(),
+    manifest = SubsetManifest.from_selection(skmm_selection, dagster_run_id=context.run_id)
+    recorded = record_subset_version(dvc.store(), manifest, mlflow.tracker(), asset="subset_version")
+    version = recorded.version
+    record = {
+        "tag": version.tag,
+        "commit": version.commit,
+        "data_md5": version.data_md5,
+        "pushed": version.pushed,
+        "mlflow_run_id": recorded.mlflow_run_id,
     }
     meta = {
-        "method": sel["method"],
-        "n": sel["budget"],
-        "seed": sel["seed"],
-        "pool_size": sel["pool_size"],
-        "shards": sorted(sel["shards"]),
-        "dagster_run_id": context.run_id,
+        "tag": version.tag,
+        "commit": version.commit,
+        "data_md5": version.data_md5,
+        "pushed": version.pushed,
+        "mlflow_run_id": recorded.mlflow_run_id or "",
+        "repo": dg.MetadataValue.path(dvc.repo_root),
     }
-    version = dvc.store().write_version(files, meta)
-    record = {"tag": version.tag, "commit": version.commit, "data_md5": version.data_md5, "pushed": version.pushed}
-    return dg.Output(
-        record,
-        data_version=dg.DataVersion(version.data_md5),
-        metadata={
-            "tag": version.tag,
-            "commit": version.commit,
-            "data_md5": version.data_md5,
-            "pushed": version.pushed,
-            "repo": dg.MetadataValue.path(dvc.repo_root),
-        },
-    )
+    if version.push_error:
+        meta["push_error"] = version.push_error
+    return dg.Output(record, data_version=dg.DataVersion(version.data_md5), metadata=meta)
+
+
+FINETUNE_MODES = {"ft1": ("FT-1",), "ft2": ("FT-2",), "both": ("FT-1", "FT-2")}
+
+
+class EvalData:
+    """Validation and test splits: ``val.npz``/``test.npz`` in the workspace's eval folder, or the
+    embedded digits splits when that folder has none."""
+
+    def __init__(self, workspace: Workspace):
+        from skmm_pipeline.data.shards import read_shard
+
+        folder = workspace.evaluation
+        if (folder / "val.npz").is_file() and (folder / "test.npz").is_file():
+            val, test = read_shard(folder / "val.npz"), read_shard(folder / "test.npz")
+            if val.labels is None or test.labels is None:
+                raise ValueError(f"validation and test splits in {folder} need labels")
+            self.val, self.test, self.source = val, test, str(folder)
+        else:
+            from skmm_pipeline.data.digits import load_digits_transfer
+
+            data = load_digits_transfer()
+            self.val, self.test, self.source = data.val, data.test, "embedded digits"
+        self.num_classes = int(max(self.val.labels.max(), self.test.labels.max())) + 1
+
+    def ids(self, split: str) -> list[str]:
+        n = len(getattr(self, split).labels)
+        return [f"{split}/{i}" for i in range(n)]
+
+
+def eval_splits(workspace: Workspace) -> EvalData:
+    return EvalData(workspace)
+
+
+def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
+    """FT-1: logistic head on pool-standardised frozen features, C chosen on validation."""
+    from skmm_pipeline.core.finetune import Standardizer, linear_probe
+    from skmm_pipeline.models.small_cnn import extract_features
+
+    pool = extract_features(model, images, device=device)
+    std = Standardizer(pool)
+    pool = std(pool)
+    val_X, test_X = (std(extract_features(model, s.images, device=device)) for s in (ev.val, ev.test))
+
+    def run(idx):
+        r = linear_probe(pool[idx], labels[idx], val_X, ev.val.labels, test_X, ev.test.labels, seed=settings.seed)
+        return {"test_accuracy": r.test_accuracy, "val_accuracy": r.val_accuracy, "macro_f1": r.test_macro_f1, "C": r.C}
+
+    return run
+
+
+def _ft2_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
+    """FT-2: the last block and the head finetuned (lr, weight decay, epochs chosen on validation)."""
+    from skmm_pipeline.core.finetune import EvalSplit, finetune_tail
+    from skmm_pipeline.models.backbones import finetune_split
+
+    prefix, tail = finetune_split(model, "ft2")
+    val = EvalSplit(ev.val.images, ev.val.labels, ev.ids("val"))
+    test = EvalSplit(ev.test.images, ev.test.labels, ev.ids("test"))
+    ids = np.asarray(ids)
+
+    def run(idx):
+        train = EvalSplit(images[idx], labels[idx], ids[idx])
+        r = finetune_tail(prefix, tail, train, val, test, seed=settings.seed, device=device)
+        return {"test_accuracy": r.test_accuracy, "val_accuracy": r.val_metrics.get("accuracy", float("nan")),
+                "macro_f1": r.test_macro_f1, **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
+
+    return run
 
 
 def _accuracy_plot(rows: list[dict]) -> bytes:
@@ -283,9 +344,11 @@ def _accuracy_plot(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 2.6), dpi=80)
-    labels = [r["method"] for r in rows]
-    ax.bar(labels, [r["test_accuracy"] for r in rows], yerr=[r["sem"] for r in rows], color=["C0", "C1", "C2"][: len(rows)])
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 1, 2.8), dpi=80)
+    labels = [f"{r['finetune']}\n{r['method']}" for r in rows]
+    colors = [f"C{i % 3}" for i in range(len(rows))]
+    ax.bar(labels, [r["test_accuracy"] for r in rows], yerr=[r["sem"] for r in rows], color=colors)
+    ax.tick_params(axis="x", labelsize=6)
     ax.set_ylabel("FT-1 test accuracy")
     ax.set_ylim(0, 1)
     fig.tight_layout()
@@ -299,7 +362,8 @@ def _accuracy_plot(rows: list[dict]) -> bytes:
     group_name="skmm",
     code_version="1",
     kinds={"pytorch", "mlflow"},
-    description="Finetunes the head (FT-1) on the SkMM subset and on uniform subsets of the same size; logs to MLflow.",
+    description="Finetunes (FT-1 head and/or FT-2 last block + head, settings.finetune_mode) on the SkMM subset, on "
+    "uniform subsets of the same size and on the full pool; hyper-parameters chosen on validation; logs to MLflow.",
 )
 def finetune_eval(
     context: dg.AssetExecutionContext,
@@ -308,74 +372,90 @@ def finetune_eval(
     skmm_selection: dict,
     subset_version: dict,
     settings: SkmmSettings,
+    workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline.core.finetune import Standardizer, linear_probe
-    from skmm_pipeline.core.selection import select
     from skmm_pipeline.core.sketch import derive_seed
-    from skmm_pipeline.data.digits import load_digits_transfer
     from skmm_pipeline.data.shards import read_shard
-    from skmm_pipeline.models.small_cnn import extract_features, load_model, select_device
+    from skmm_pipeline.models.backbones import load_backbone
+    from skmm_pipeline.models.small_cnn import select_device
 
+    if settings.finetune_mode not in FINETUNE_MODES:
+        raise ValueError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {settings.finetune_mode!r}")
     device = select_device(settings.device)
-    model = load_model(Path(pretrained_model["path"]), device)
+    model = load_backbone(Path(pretrained_model["path"]), device)
     shards = [read_shard(Path(raw_shard[name]["path"])) for name in sorted(raw_shard)]
     if any(s.labels is None for s in shards):
         raise ValueError("finetune_eval needs labelled shards to train the head on the selected subset")
     ids = [i for s in shards for i in s.ids]
     labels = np.concatenate([s.labels for s in shards])
-    pool = extract_features(model, np.concatenate([s.images for s in shards]), device=device)
-    std = Standardizer(pool)
-    pool = std(pool)
-    data = load_digits_transfer()
-    val_X, test_X = (std(extract_features(model, s.images, device=device)) for s in (data.val, data.test))
+    images = np.concatenate([s.images for s in shards])
+    ev = eval_splits(workspace)
     position = {sid: k for k, sid in enumerate(ids)}
     missing = [s for s in skmm_selection["sample_ids"] if s not in position]
     if missing:
         raise ValueError(f"{len(missing)} selected ids are not in the registered shards, e.g. {missing[:3]}")
 
-    def probe(idx):
-        return linear_probe(pool[idx], labels[idx], val_X, data.val.labels, test_X, data.test.labels, seed=settings.seed)
-
     n = len(skmm_selection["sample_ids"])
-    skmm = probe(np.array([position[s] for s in skmm_selection["sample_ids"]]))
-    uni = [
-        probe(select("uniform", pool, n, seed=derive_seed(settings.seed, "uniform", r) % 2**32).indices).test_accuracy
-        for r in range(settings.uniform_repeats)
-    ]
-    full = probe(np.arange(len(ids)))
-    sem = float(np.std(uni, ddof=1) / np.sqrt(len(uni))) if len(uni) > 1 else 0.0
-    rows = [
-        {"method": skmm_selection["method"], "n": n, "test_accuracy": round(skmm.test_accuracy, 4), "sem": 0.0, "C": skmm.C},
-        {"method": f"uniform (x{len(uni)})", "n": n, "test_accuracy": round(float(np.mean(uni)), 4), "sem": round(sem, 4), "C": ""},
-        {"method": "full pool", "n": len(ids), "test_accuracy": round(full.test_accuracy, 4), "sem": 0.0, "C": full.C},
-    ]
+    method = skmm_selection["method"]
+    subsets = {method: np.array([position[s] for s in skmm_selection["sample_ids"]])}
+    # Uniform baselines: seeded draws of the same size, as the `uniform` selector makes them.
+    uniform_keys = [f"uniform#{r}" for r in range(settings.uniform_repeats)]
+    for r, key in enumerate(uniform_keys):
+        rng = np.random.default_rng(derive_seed(settings.seed, "uniform", r))
+        subsets[key] = rng.choice(len(ids), size=n, replace=False)
+    subsets["full_pool"] = np.arange(len(ids))
+
+    scores: dict[str, dict[str, dict]] = {}  # mode -> subset -> {test_accuracy, macro_f1, ...}
+    for mode in FINETUNE_MODES[settings.finetune_mode]:
+        evaluate = _ft1_evaluator if mode == "FT-1" else _ft2_evaluator
+        run_one = evaluate(model, images, labels, ids, ev, settings, device)
+        scores[mode] = {key: run_one(idx) for key, idx in subsets.items()}
+
+    rows, metrics = [], {"moment_ratio": float(skmm_selection["diagnostics"]["moment_ratio"])}
+    eval_rows = []
+    for mode, by_subset in scores.items():
+        prefix = "" if mode == "FT-1" else "ft2_"
+        uni = [by_subset[k]["test_accuracy"] for k in uniform_keys]
+        sem = float(np.std(uni, ddof=1) / np.sqrt(len(uni))) if len(uni) > 1 else 0.0
+        mean_uni = float(np.mean(uni)) if uni else float("nan")
+        sk, full = by_subset[method], by_subset["full_pool"]
+        rows += [
+            {"finetune": mode, "method": method, "n": n, "test_accuracy": round(sk["test_accuracy"], 4), "sem": 0.0,
+             "macro_f1": round(sk["macro_f1"], 4)},
+            {"finetune": mode, "method": f"uniform (x{len(uni)})", "n": n, "test_accuracy": round(mean_uni, 4),
+             "sem": round(sem, 4), "macro_f1": round(float(np.mean([by_subset[k]["macro_f1"] for k in uniform_keys])), 4)
+             if uni else float("nan")},
+            {"finetune": mode, "method": "full pool", "n": len(ids), "test_accuracy": round(full["test_accuracy"], 4),
+             "sem": 0.0, "macro_f1": round(full["macro_f1"], 4)},
+        ]
+        metrics.update({
+            f"{prefix}acc_skmm": sk["test_accuracy"], f"{prefix}acc_uniform_mean": mean_uni,
+            f"{prefix}acc_uniform_sem": sem, f"{prefix}acc_full_pool": full["test_accuracy"],
+            f"{prefix}val_acc_skmm": sk["val_accuracy"], f"{prefix}macro_f1_skmm": sk["macro_f1"],
+        })
+        eval_rows += [
+            {"method": f"{prefix}{method}", "n": n, "test_accuracy": sk["test_accuracy"], "val_accuracy": sk["val_accuracy"]},
+            {"method": f"{prefix}uniform", "n": n, "test_accuracy": mean_uni, "test_accuracy_sem": sem},
+            {"method": f"{prefix}full_pool", "n": len(ids), "test_accuracy": full["test_accuracy"]},
+        ]
     plot = _accuracy_plot(rows)
-    metrics = {
-        "acc_skmm": skmm.test_accuracy,
-        "acc_uniform_mean": float(np.mean(uni)),
-        "acc_uniform_sem": sem,
-        "acc_full_pool": full.test_accuracy,
-        "val_acc_skmm": skmm.val_accuracy,
-        "moment_ratio": float(skmm_selection["diagnostics"]["moment_ratio"]),
-    }
     params = {
-        "method": skmm_selection["method"], "budget": n, "seed": settings.seed, "pool_size": len(ids),
+        "method": method, "budget": n, "seed": settings.seed, "pool_size": len(ids),
         "sketch_kind": settings.sketch_kind, "sketch_dim": settings.sketch_dim, "label_mode": settings.label_mode,
-        "finetune": "FT-1 logistic head, C on validation", "model_id": pretrained_model["model_id"],
+        "finetune": settings.finetune_mode, "model_id": pretrained_model["model_id"], "backbone": settings.backbone,
+        "eval_splits": ev.source,
     }
+    from skmm_pipeline.tracking.mlflow_store import run_tags
+
     tracker = mlflow.tracker()
-    tags = {
-        "dagster.run_id": context.run_id,
-        "dagster.asset": "finetune_eval",
-        "dvc.tag": subset_version["tag"],
-        "dvc.commit": subset_version["commit"],
-    }
+    tags = run_tags(context.run_id, "finetune_eval", version=subset_version)
     with tracker.run(f"finetune_eval {subset_version['tag']}", tags=tags) as run:
         run.log_params(params)
         run.log_metrics(metrics)
-        run.log_artifact_bytes("accuracy.png", plot)
-        run.log_json("results.json", {"rows": rows, "uniform_runs": uni})
+        run.log_eval_metrics(eval_rows)
+        run.log_artifact_bytes("accuracy.png", plot, "plots")
+        run.log_json("results.json", {"rows": rows, "scores": scores})
         run.log_json("selection.json", skmm_selection)
     record = {
         "rows": rows,
@@ -389,9 +469,7 @@ def finetune_eval(
         metadata={
             "results": dg.MetadataValue.md(_md_table(rows)),
             "plot": dg.MetadataValue.md(f"![accuracy](data:image/png;base64,{base64.b64encode(plot).decode()})"),
-            "acc_skmm": skmm.test_accuracy,
-            "acc_uniform_mean": float(np.mean(uni)),
-            "acc_full_pool": full.test_accuracy,
+            **{k: float(v) for k, v in metrics.items()},
             "mlflow_run_id": run.run_id,
             "mlflow_tracking_uri": mlflow.tracking_uri,
             "dvc_tag": subset_version["tag"],

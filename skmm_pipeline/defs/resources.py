@@ -38,6 +38,15 @@ class SkmmSettings(dg.ConfigurableResource):
     pretrain_epochs: int = 40
     uniform_repeats: int = 5
     min_moment_ratio: float = 0.1
+    # The model: "small_cnn" (the embedded scenario, pretrained on digits 0-4), or a torchvision
+    # backbone ("resnet18", "resnet50", "vit_b_16") with weights from a local file or "hub" (the torch
+    # hub cache; never downloaded) or "" (random init, for smoke tests only).
+    backbone: str = "small_cnn"
+    backbone_weights: str = "hub"
+    num_classes: int = 0  # 0: the number of classes in the validation split
+    image_size: int = 224
+    # Evaluation: "ft1" (logistic head on frozen features), "ft2" (last block + head), or "both".
+    finetune_mode: str = "ft1"
 
 
 class Workspace(dg.ConfigurableResource):
@@ -45,6 +54,7 @@ class Workspace(dg.ConfigurableResource):
 
     root: str
     landing_dir: str = ""
+    eval_dir: str = ""  # holds val.npz and test.npz; the embedded digits splits when absent
 
     def _root(self) -> Path:
         return _absolute(self.root, "workspace root")
@@ -52,6 +62,10 @@ class Workspace(dg.ConfigurableResource):
     @property
     def landing(self) -> Path:
         return _absolute(self.landing_dir, "landing_dir") if self.landing_dir else self._root() / ".skmm" / "landing"
+
+    @property
+    def evaluation(self) -> Path:
+        return _absolute(self.eval_dir, "eval_dir") if self.eval_dir else self._root() / ".skmm" / "eval"
 
     @property
     def artifacts(self) -> Path:
@@ -97,7 +111,8 @@ def default_resources(root: Path | None = None, remote_url: str = "") -> dict:
     return {
         "settings": SkmmSettings(),
         "workspace": Workspace(root=str(root)),
-        "dvc": DvcVersioning(repo_root=str(root), remote_url=remote_url),
+        # A remote already configured in the repository wins; otherwise versions go to a local one.
+        "dvc": DvcVersioning(repo_root=str(root), remote_url=remote_url or str(state / "dvc-remote")),
         "mlflow": MlflowTracking(
             tracking_uri=sqlite_uri(state / "mlflow" / "mlflow.db"),
             artifact_root=str(state / "mlflow" / "artifacts"),
