@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skmm_pipeline.models.small_cnn import SmallCNN, state_dict_id
+from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN, state_dict_id
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class Backbone(nn.Module):
+class Backbone(BodyHeadModel):
     """A torchvision classifier split into ``body`` (everything up to the pooled features, its own head
     removed) and a new ``head`` for the target task."""
 
@@ -92,17 +92,6 @@ class Backbone(nn.Module):
         self.image_size = int(image_size)
         self.body = body
         self.head = head
-
-    @property
-    def feature_dim(self) -> int:
-        return self.head.in_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)

@@ -14,7 +14,25 @@ from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
 from skmm_pipeline.core.sketch import Sketch
 
 
-class SmallCNN(nn.Module):
+class BodyHeadModel(nn.Module):
+    """A frozen ``body`` producing features and a linear ``head``: the shape every backbone exposes."""
+
+    body: nn.Module
+    head: nn.Linear
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SmallCNN(BodyHeadModel):
     """conv3x3(1->32)-ReLU-conv3x3(32->64)-ReLU-maxpool2-fc(1024->128)-ReLU-head (no BatchNorm)."""
 
     def __init__(self, num_classes: int = 5, feature_dim: int = 128):
@@ -30,17 +48,6 @@ class SmallCNN(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.head.in_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
 
 
 def select_device(preference: str = "auto") -> torch.device:
