@@ -24,8 +24,10 @@ def test_sketch_step_runs_on_a_celery_worker(project, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # dagster-celery starts the `celery` program by name: the environment's bin must be on PATH.
     env = {**os.environ, "DAGSTER_HOME": str(home), "SKMM_PROJECT_ROOT": str(project),
-           "SKMM_CELERY_BROKER": broker, "SKMM_CELERY_BACKEND": backend}
+           "SKMM_CELERY_BROKER": broker, "SKMM_CELERY_BACKEND": backend,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     worker_cfg = tmp_path / "celery.yaml"
     worker_cfg.write_text(f"execution:\n  config:\n    broker: {broker}\n    backend: {backend}\n")
 
