@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from skmm_pipeline.core.sketch_io import save_sketch_shard
 from skmm_pipeline.defs.assets import load_sketches
 
 
@@ -54,14 +55,15 @@ def test_demo_refuses_relative_dagster_home(project):
 
 def test_sketches_with_different_identities_are_never_joined(tmp_path):
     def shard(name, seed):
-        path = tmp_path / f"{name}.npz"
-        ident = json.dumps({"kind": "gaussian", "seed": seed, "sketch_dim": 4})
-        np.savez(path, sketch=np.ones((2, 4), np.float32), ids=np.array([f"{name}/0", f"{name}/1"]), identity=np.array(ident))
-        return {"path": str(path)}
+        ident = {"kind": "gaussian", "seed": seed, "sketch_dim": 4}
+        save_sketch_shard(tmp_path / name, np.ones((2, 4), np.float32), [f"{name}/0", f"{name}/1"], ident)
+        return {"path": str(tmp_path / name)}
 
     G, ids, ident = load_sketches({"b": shard("b", 0), "a": shard("a", 0)})
     assert G.shape == (4, 4) and ids == ["a/0", "a/1", "b/0", "b/1"] and ident["seed"] == 0
-    with pytest.raises(ValueError, match="re-materialize gradient_sketch"):
+    with pytest.raises(ValueError, match="seed: 1 != expected 0.*re-materialize gradient_sketch"):
         load_sketches({"a": shard("a", 0), "c": shard("c", 1)})
+    with pytest.raises(ValueError, match="no complete sketch shard.*re-materialize gradient_sketch"):
+        load_sketches({"a": shard("a", 0), "old": {"path": str(tmp_path / "old.npz")}})
     with pytest.raises(ValueError, match="no shard sketches"):
         load_sketches({})

@@ -65,15 +65,15 @@ def test_demo_end_to_end_twice(versioned_project, dagster_home):
     first = run_demo(project, **TINY)
     manifest_v1 = (project / "data" / "manifest.json").read_bytes()
     subset_v1 = (project / "data" / "subset.csv").read_text()
-    sketch_files = sorted((project / ".skmm" / "artifacts" / "sketches").rglob("*.npz"))
-    assert [p.name for p in sketch_files] == ["digits-000.npz", "digits-001.npz", "digits-002.npz"]
-    sketches_v1 = [np.load(p)["sketch"] for p in sketch_files]
+    sketch_files = sorted((project / ".skmm" / "artifacts" / "sketches").rglob("*.rows.npy"))
+    assert [p.name for p in sketch_files] == [f"digits-00{k}.rows.npy" for k in range(3)]
+    sketches_v1 = [np.load(p) for p in sketch_files]
 
     second = run_demo(project, **TINY)
     assert (first["dvc_tag"], second["dvc_tag"]) == ("subset-v0001", "subset-v0002")
 
     # Same seed, same sketch and same subset; the user's branch never receives a commit.
-    assert all(np.array_equal(a, np.load(p)["sketch"]) for a, p in zip(sketches_v1, sketch_files))
+    assert all(np.array_equal(a, np.load(p)) for a, p in zip(sketches_v1, sketch_files))
     assert (project / "data" / "subset.csv").read_text() == subset_v1
     assert git(project, "rev-parse", "HEAD") == head_before
     assert git(project, "rev-parse", "--abbrev-ref", "HEAD") == "main"
@@ -194,4 +194,41 @@ def test_torchvision_backbone_on_image_shards(versioned_project):
         record = result.output_for_node("finetune_eval")
     assert record["metrics"]["acc_full_pool"] > 0.5
     model = result.output_for_node("skmm_selection")
-    assert model["sketch_identity"]["input_dim"] == 513  # resnet18 features + bias
+    assert model["sketch_identity"]["gradient_dim"] == 513  # resnet18 features + bias (label-free Jacobian rows)
+
+
+def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
+    """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's."""
+    from skmm_pipeline.core.sketch_engine import GradientSketcher
+    from skmm_pipeline.core.sketch_io import read_sketch_shard
+    from skmm_pipeline.data.digits import write_digits_shards
+    from skmm_pipeline.data.shards import read_shard
+    from skmm_pipeline.defs.assets import eval_splits
+    from skmm_pipeline.models.backbones import load_backbone
+
+    settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
+                            sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64)
+    defs = build_definitions(project, settings=settings)
+    ws = defs.resources["workspace"]
+    names = write_digits_shards(ws.landing)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, names)
+        pretrain = defs.resolve_job_def("pretrain").execute_in_process(instance=instance)
+        assert pretrain.success
+        result = defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=names[0])
+        assert result.success
+        record = result.output_for_node("gradient_sketch")
+    model_path = pretrain.output_for_node("pretrained_model")["path"]
+    shard = read_sketch_shard(record["path"], expected_identity=record["identity"], verify=True)
+    ident = shard.identity
+    assert [b["kind"] for b in ident["blocks"]] == ["tensorsketch", "tensorsketch"]
+    scales = {b["name"]: b["scale"] for b in ident["blocks"]}
+    assert len(scales) == 2 and all(v > 0 for v in scales.values()) and len(set(scales.values())) == 2
+    assert ident["label_mode"] == "random" and ident["draws"] == 2 and ident["seed"] == 3
+    # The same rows from the library, given the same model, calibration rows and settings.
+    model = load_backbone(Path(model_path))
+    data = read_shard(ws.landing / f"{names[0]}.npz")
+    sk = GradientSketcher(model, 32, kind="tensorsketch", seed=3, layers="ft2", label_mode="random", draws=2,
+                          block_scales=scales, model_id=ident["model_id"], device="cpu")
+    assert np.array_equal(sk.sketch(data.images, sample_ids=data.ids), np.asarray(shard.rows))
+    assert len(eval_splits(ws).val.images) >= 64

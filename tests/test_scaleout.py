@@ -57,7 +57,7 @@ def test_sketch_step_runs_on_a_celery_worker(project, tmp_path):
         assert 'Submitting celery task for step "gradient_sketch"' in run.stdout + run.stderr
         # The step really ran in the worker process, not in the launching one.
         assert "Executing steps gradient_sketch in celery worker" in (tmp_path / "worker.log").read_text()
-        assert list((project / ".skmm" / "artifacts" / "sketches").rglob("digits-000.npz"))
+        assert list((project / ".skmm" / "artifacts" / "sketches").rglob("digits-000.json"))
     finally:
         if worker is not None:
             stop(worker)

@@ -24,9 +24,6 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 
-SKETCH_PARAMS = "head"  # the finetuned parameter set whose gradients are sketched (FT-1)
-
-
 def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -113,44 +110,66 @@ def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, 
     return dg.Output(record, data_version=dg.DataVersion(mid), metadata=meta)
 
 
+def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device) -> dict[str, float] | None:
+    """FT-2 block scales (``core.sketch_engine.calibrate_block_scales``) on a fixed calibration set: the
+    first ``settings.calibration_rows`` validation images, label-free. Every shard gets the same scales
+    (same model, same rows), so they are part of one sketch identity. ``None`` for one-block sets."""
+    from skmm_pipeline.core.gradients import resolve_layers
+    from skmm_pipeline.core.sketch_engine import calibrate_block_scales
+
+    if not settings.balance_blocks or len(resolve_layers(model, settings.sketch_layers)) < 2:
+        return None
+    rows = eval_splits(workspace).val.images[: max(1, settings.calibration_rows)]
+    return calibrate_block_scales(model, rows, layers=settings.sketch_layers, label_mode="expected",
+                                  seed=settings.seed, device=device)
+
+
+def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id: str, device):
+    """The run's one :class:`GradientSketcher`, configured by the settings."""
+    from skmm_pipeline.core.sketch_engine import GradientSketcher
+
+    return GradientSketcher(
+        model, settings.sketch_dim, kind=settings.sketch_kind, seed=settings.seed, layers=settings.sketch_layers,
+        label_mode=settings.label_mode, draws=settings.label_draws,
+        block_scales=block_scales_for(model, settings, workspace, device), model_id=model_id, device=device,
+        precision=settings.precision,
+    )
+
+
 @dg.asset(
     partitions_def=shard_partitions,
     group_name="skmm",
-    code_version="1",
+    code_version="2",
     pool="gpu",
     kinds={"pytorch"},
-    description="Label-free per-sample head gradients of one shard, projected by the run's one seeded sketch.",
+    description="Per-sample gradients of the finetuned parameters (settings.sketch_layers) of one shard, never "
+    "materialised: streamed through the run's one seeded sketch into a memory-mapped shard file with its identity.",
 )
 def gradient_sketch(
     context: dg.AssetExecutionContext, raw_shard: dict, pretrained_model: dict, settings: SkmmSettings, workspace: Workspace
 ) -> dg.Output[dict]:
-    from skmm_pipeline.core.gradients import gradient_dim
-    from skmm_pipeline.core.sketch import make_sketch
-    from skmm_pipeline.data.shards import atomic_save_npz, read_shard
+    from skmm_pipeline.core.sketch_engine import resolve_device
+    from skmm_pipeline.core.sketch_io import SketchShardWriter, identity_hash
+    from skmm_pipeline.data.shards import read_shard
     from skmm_pipeline.models.backbones import load_backbone
-    from skmm_pipeline.models.small_cnn import select_device, sketch_head_gradients
 
-    device = select_device(settings.device)
+    device = resolve_device(settings.device)
     model = load_backbone(Path(pretrained_model["path"]), device)
     shard = read_shard(Path(raw_shard["path"]))
-    r = gradient_dim(model.feature_dim, model.num_classes, settings.label_mode)
-    sketch = make_sketch(settings.sketch_kind, r, settings.sketch_dim, settings.seed, SKETCH_PARAMS)
-    identity = {
-        **sketch.identity.as_dict(),
-        "label_mode": settings.label_mode,
-        "model_id": pretrained_model["model_id"],
-    }
+    sketcher = make_sketcher(model, settings, workspace, pretrained_model["model_id"], device).prepare(shard.images)
+    identity = sketcher.identity
+    labels = shard.labels if settings.label_mode == "true" else None
     t0 = time.perf_counter()
-    G = sketch_head_gradients(model, shard.images, sketch, settings.label_mode, shard.labels,
-                              batch_size=settings.batch_size, device=device)
+    stem = workspace.artifacts / "sketches" / identity_hash(identity) / shard.name
+    with SketchShardWriter(stem, identity, shard.ids, settings.sketch_dim) as writer:
+        sketcher.sketch(shard.images, labels=labels, sample_ids=shard.ids, batch_size=settings.batch_size, out=writer.rows)
     seconds = time.perf_counter() - t0
-    path = workspace.artifacts / "sketches" / _json_hash(identity) / f"{shard.name}.npz"
-    atomic_save_npz(path, sketch=G, ids=np.array(shard.ids), identity=np.array(json.dumps(identity, sort_keys=True)))
     version = _json_hash([identity, raw_shard["sha256"]])
+    rows = len(shard.ids)
     record = {
-        "path": str(path),
+        "path": str(stem),
         "identity": identity,
-        "rows": int(G.shape[0]),
+        "rows": rows,
         "shard_sha256": raw_shard["sha256"],
         "data_version": version,
     }
@@ -158,37 +177,35 @@ def gradient_sketch(
         record,
         data_version=dg.DataVersion(version),
         metadata={
-            "rows": G.shape[0],
-            "sketch_dim": G.shape[1],
-            "gradient_dim": r,
-            "sketch_kind": sketch.identity.kind,
+            "rows": rows,
+            "sketch_dim": settings.sketch_dim,
+            "gradient_dim": identity["gradient_dim"],
+            "sketch_kind": settings.sketch_kind,
+            "blocks": dg.MetadataValue.json(identity["blocks"]),
+            "layers": settings.sketch_layers,
             "label_mode": settings.label_mode,
             "device": str(device),
+            "precision": settings.precision,
             "seconds": seconds,
-            "samples_per_second": G.shape[0] / max(seconds, 1e-9),
-            "path": dg.MetadataValue.path(str(path)),
+            "samples_per_second": rows / max(seconds, 1e-9),
+            "path": dg.MetadataValue.path(str(stem)),
         },
     )
 
 
 def load_sketches(records: dict[str, dict]) -> tuple[np.ndarray, list[str], dict]:
     """Join per-shard sketches in shard-name order; refuse sketches made with different identities."""
+    from skmm_pipeline.core.sketch_io import load_sketch_shards
+    from skmm_pipeline.core.validation import InputError
+
     if not records:
         raise ValueError("no shard sketches to select from: register and sketch at least one shard")
-    blocks, ids, identity = [], [], None
-    for name in sorted(records):
-        with np.load(records[name]["path"], allow_pickle=False) as z:
-            ident = json.loads(str(z["identity"]))
-            if identity is None:
-                identity = ident
-            elif ident != identity:
-                raise ValueError(
-                    f"sketch of shard {name!r} was made with {ident}, others with {identity}: "
-                    "re-materialize gradient_sketch for all shards with the current settings"
-                )
-            blocks.append(z["sketch"])
-            ids.extend(z["ids"].tolist())
-    return np.concatenate(blocks), ids, identity
+    names = sorted(records)
+    try:
+        return load_sketch_shards([records[name]["path"] for name in names])
+    except InputError as exc:
+        raise ValueError(f"{exc} (shards: {names}); re-materialize gradient_sketch for all shards with the "
+                         "current settings") from None
 
 
 @dg.asset(
@@ -443,6 +460,7 @@ def finetune_eval(
     params = {
         "method": method, "budget": n, "seed": settings.seed, "pool_size": len(ids),
         "sketch_kind": settings.sketch_kind, "sketch_dim": settings.sketch_dim, "label_mode": settings.label_mode,
+        "sketch_layers": settings.sketch_layers,
         "finetune": settings.finetune_mode, "model_id": pretrained_model["model_id"], "backbone": settings.backbone,
         "eval_splits": ev.source,
     }

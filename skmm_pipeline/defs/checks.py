@@ -59,12 +59,11 @@ def moment_ratio_above_threshold(skmm_selection: dict, settings: SkmmSettings) -
     description="All shard sketches joined by the selection were made with one sketch identity.",
 )
 def single_sketch_identity(skmm_selection: dict, gradient_sketch: dict) -> dg.AssetCheckResult:
-    identities = {}
-    for name, rec in sorted(gradient_sketch.items()):
-        with np.load(rec["path"], allow_pickle=False) as z:
-            identities[name] = json.loads(str(z["identity"]))
+    from skmm_pipeline.core.sketch_io import canonical_identity, read_sketch_shard
+
+    identities = {name: read_sketch_shard(rec["path"]).identity for name, rec in sorted(gradient_sketch.items())}
     distinct = {json.dumps(i, sort_keys=True) for i in identities.values()}
-    passed = len(distinct) == 1 and identities[next(iter(identities))] == skmm_selection["sketch_identity"]
+    passed = len(distinct) == 1 and identities[next(iter(identities))] == canonical_identity(skmm_selection["sketch_identity"])
     return dg.AssetCheckResult(
         passed=passed, metadata={"shards": len(identities), "distinct_identities": len(distinct)}
     )

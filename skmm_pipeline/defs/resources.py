@@ -30,9 +30,20 @@ class SkmmSettings(dg.ConfigurableResource):
     seed: int = 0
     budget: int = 40
     method: str = "skmm"
-    sketch_kind: str = "gaussian"
+    # Stage 1 (core.sketch_engine.GradientSketcher). sketch_kind: "auto" (TensorSketch for large
+    # outer-product blocks, CountSketch for small ones, a dense Gaussian for Jacobian rows),
+    # "tensorsketch", "countsketch" or "gaussian". sketch_layers: "ft1" (the head) or "ft2" (the last
+    # two finetuned layers; their blocks are balanced by calibrate_block_scales on the first
+    # calibration_rows validation images). label_mode: "expected" (label-free), "random"
+    # (label_draws seeded draws per sample) or "true". precision: float16/bfloat16 autocast on CUDA.
+    sketch_kind: str = "auto"
     sketch_dim: int = 128
+    sketch_layers: str = "ft1"
     label_mode: str = "expected"
+    label_draws: int = 1
+    balance_blocks: bool = True
+    calibration_rows: int = 512
+    precision: str = "float32"
     device: str = "auto"
     batch_size: int = 512
     pretrain_epochs: int = 40
