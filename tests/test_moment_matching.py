@@ -256,3 +256,31 @@ def test_ridge_forms():
     for bad in (0, -1, "x-1", "abc", float("inf")):
         with pytest.raises(InputError, match="ridge"):
             mm.resolve_ridge(bad, stats, 30)
+
+
+def test_design_dimension_follows_the_noise_floor_and_the_budget():
+    rng = np.random.default_rng(0)
+    # 10 signal directions of very different strength plus 30 noise directions.
+    G = np.concatenate([rng.normal(size=(2000, 10)) * np.logspace(1, -0.5, 10), 0.05 * rng.normal(size=(2000, 30))], axis=1)
+    stats = mm.moment_stats(G)
+    assert mm.intrinsic_dimension(stats.lam) == 10
+    assert mm.design_dimension(48, stats, "auto") == 12  # just above the intrinsic dimension
+    assert mm.design_dimension(300, stats, "auto") == 30  # grows with the budget
+    assert mm.design_dimension(3000, stats, "auto") == 40  # up to the whole sketch
+    assert mm.design_dimension(48, stats, "full") == 40 and mm.design_dimension(48, stats, 7) == 7
+    with pytest.raises(InputError, match="design_dim"):
+        mm.design_dimension(48, stats, "most")
+
+
+def test_auto_start_uses_rpc_only_for_the_sampled_greedy():
+    G, cluster = _clusters(3, [500, 300, 40, 5], dim=6, spread=0.01)
+    stats = mm.moment_stats(G)
+    exact = mm.trace_design(G, 12, stats=stats, start="auto")
+    sampled = mm.trace_design(G, 12, stats=stats, start="auto", candidates=20, seed=2)
+    assert exact.diagnostics["start_pivots"] == 0 and exact.diagnostics["solver"] == "greedy-trace"
+    assert sampled.diagnostics["start_pivots"] > 0 and sampled.diagnostics["solver"] == "pooled-greedy-trace"
+    assert "exchange_skipped" not in exact.diagnostics
+    for res in (exact, sampled):
+        assert set(cluster[res.indices].tolist()) == {0, 1, 2, 3}
+    with pytest.raises(InputError, match="start"):
+        mm.trace_design(G, 5, stats=stats, start="kmeans")

@@ -97,7 +97,7 @@ def moment_stats(G) -> MomentStats:
     for lo, hi in _chunks(N, rows):
         blk = G[lo:hi] if fast32 else np.asarray(G[lo:hi], dtype=np.float64)
         sigma += (blk.T @ blk).astype(np.float64)
-        sq[lo:hi] = np.einsum("ij,ij->i", blk, blk, dtype=np.float64)
+        sq[lo:hi] = np.einsum("ij,ij->i", blk, blk)
     sigma /= N
     sigma = (sigma + sigma.T) / 2
     lam, V = np.linalg.eigh(sigma)
@@ -305,7 +305,7 @@ def pooled_greedy_trace(
     start=(),
     rng: np.random.Generator,
     per_pick: int | None = None,
-    eps: float = 0.2,
+    eps: float = 0.25,
     refresh: int = 256,
 ) -> np.ndarray:
     """Greedy trace design for pools too large for one pass per pick (stochastic greedy).
@@ -331,16 +331,25 @@ def pooled_greedy_trace(
         return Zr if W32 is None else Zr @ W32
 
     M = ridge * np.eye(k)
-    if chosen:
-        ZS = coords32(np.asarray(chosen)).astype(np.float64)
-        M += ZS.T @ ZS
     if per_pick is None:
         per_pick = int(math.ceil(N / max(n, 1) * math.log(1 / eps)))
     per_pick = max(1, int(per_pick))
     PQ = np.empty((k, 2 * k), dtype=np.float32)
+    with _single_thread_blas():  # small products: threads only add synchronisation
+        _pooled_loop(coords32, sig, n, chosen, taken, M, per_pick, refresh, rng, PQ)
+    return np.asarray(chosen[:n], dtype=np.int64)
+
+
+def _pooled_loop(coords32, sig, n, chosen, taken, M, per_pick, refresh, rng, PQ):
+    N, k = taken.size, sig.shape[0]
+    done = 0
     since = refresh
     while len(chosen) < n:
         if since >= refresh:
+            if done < len(chosen):  # chosen[:done] are already in M
+                ZS = coords32(np.asarray(chosen[done:])).astype(np.float64)
+                M += ZS.T @ ZS
+                done = len(chosen)
             P = np.linalg.inv(M)
             P = (P + P.T) / 2
             Q = P @ sig @ P
@@ -368,11 +377,30 @@ def pooled_greedy_trace(
         c = 1.0 + z @ w
         sw = sig @ w
         psw = P @ sw
-        Q -= (np.outer(w, psw) + np.outer(psw, w)) / c - np.outer(w, w) * (w @ sw) / c**2
-        P -= np.outer(w, w) / c
-        M += np.outer(z, z)
+        # Q' = Q - (w psw^T + psw w^T) / c + w w^T (w^T sig w) / c^2 as one rank-2 product.
+        U = np.column_stack([w, psw])
+        C = np.array([[-(w @ sw) / c**2, 1.0 / c], [1.0 / c, 0.0]])
+        Q -= U @ (C @ U.T)
+        P -= np.outer(w, w / c)
         since += 1
-    return np.asarray(chosen[:n], dtype=np.int64)
+
+
+class _single_thread_blas:
+    """Limit BLAS to one thread inside a block (no-op without threadpoolctl)."""
+
+    def __enter__(self):
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._ctx = threadpool_limits(1, user_api="blas")
+        except Exception:  # pragma: no cover - threadpoolctl ships with scikit-learn
+            self._ctx = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.restore_original_limits()
+        return False
 
 
 def fedorov_exchange(
@@ -554,7 +582,8 @@ def trace_design(
         elif start is not None:
             raise InputError(f"start must be None, 'rpc' or 'auto', got {start!r}")
         n_start = int(start_idx.size)
-        chosen = greedy_trace(Z, lam, n, a, start=start_idx, block=block, temperature=temperature, rng=rng)
+        with _single_thread_blas():  # O(N k) vector products: threads only add synchronisation
+            chosen = greedy_trace(Z, lam, n, a, start=start_idx, block=block, temperature=temperature, rng=rng)
         solver = "greedy-trace"
     else:
         Z = None
@@ -566,7 +595,7 @@ def trace_design(
             start = "rpc"  # random pools can miss a rare direction; residual sampling finds it
         if start == "rpc":
             size = k if start_size == "dim" else int(start_size)
-            start_idx = block_rpc_pivots(G, W, min(size, n), rng)
+            start_idx = block_rpc_pivots(G, W, min(size, n), rng, row_sqnorm=stats.row_sqnorm)
         elif start is not None:
             raise InputError(f"start must be None, 'rpc' or 'auto', got {start!r}")
         n_start = int(start_idx.size)
@@ -580,7 +609,8 @@ def trace_design(
     if exchange or init is not None:
         if Z is None:
             Z = principal_coordinates(G, k, stats)
-        chosen, swaps = fedorov_exchange(Z, lam, chosen, a, max_exchanges=max_exchanges)
+        with _single_thread_blas():
+            chosen, swaps = fedorov_exchange(Z, lam, chosen, a, max_exchanges=max_exchanges)
     if Z is not None:
         obj = trace_objective(Z, lam, chosen, a)
     else:
@@ -597,26 +627,36 @@ def trace_design(
     return DesignResult(np.asarray(chosen, dtype=np.int64), diag)
 
 
-def block_rpc_pivots(G, Vk: np.ndarray | None, k: int, rng: np.random.Generator, block: int = 32, accept: float = 0.5) -> np.ndarray:
+def block_rpc_pivots(
+    G, Vk: np.ndarray | None, k: int, rng: np.random.Generator, block: int = 64, accept: float = 0.5,
+    row_sqnorm: np.ndarray | None = None,
+) -> np.ndarray:
     """Blocked randomly pivoted Cholesky over a large sketch, one pass over the data per block.
 
     Each round draws ``block`` candidates proportionally to their residual, then accepts them in draw
     order only while a candidate keeps at least ``accept`` of its residual after the candidates already
     accepted in this round are projected out (robust blockwise random pivoting), so that one round
-    never spends two pivots on the same uncovered direction.
+    never spends two pivots on the same uncovered direction. The residual update is one float32 pass
+    ``G Q_new`` per round; ``row_sqnorm`` (the initial residuals when ``Vk`` is None) saves a pass.
     """
     G = np.asarray(G)
     N = G.shape[0]
     d = G.shape[1] if Vk is None else Vk.shape[1]
+    V32 = None if Vk is None else Vk.astype(np.float32)
 
-    def coords(rows):
-        Zr = np.asarray(G[rows], dtype=np.float64)
-        return Zr if Vk is None else Zr @ Vk
+    def coords(rows, dtype=np.float64):
+        Zr = np.asarray(G[rows], dtype=np.float32 if dtype == np.float32 else np.float64)
+        if Vk is None:
+            return Zr
+        return Zr @ (V32 if dtype == np.float32 else Vk)
 
-    resid = np.empty(N)
-    for lo, hi in _chunks(N):
-        Zb = coords(slice(lo, hi))
-        resid[lo:hi] = np.einsum("ij,ij->i", Zb, Zb)
+    if Vk is None and row_sqnorm is not None:
+        resid = np.array(row_sqnorm, dtype=np.float64)
+    else:
+        resid = np.empty(N)
+        for lo, hi in _chunks(N):
+            Zb = coords(slice(lo, hi), np.float32)
+            resid[lo:hi] = np.einsum("ij,ij->i", Zb, Zb)
     total0 = resid.sum()
     Q = np.zeros((d, 0))
     piv: list[int] = []
@@ -644,8 +684,9 @@ def block_rpc_pivots(G, Vk: np.ndarray | None, k: int, rng: np.random.Generator,
         piv.extend(accepted)
         Qn = np.column_stack(basis)
         Q = np.column_stack([Q, Qn])
+        Qn32 = Qn.astype(np.float32)
         for lo, hi in _chunks(N):
-            T = coords(slice(lo, hi)) @ Qn
+            T = coords(slice(lo, hi), np.float32) @ Qn32
             resid[lo:hi] -= np.einsum("ij,ij->i", T, T)
         np.clip(resid, 0.0, None, out=resid)
         resid[piv] = 0.0
@@ -816,19 +857,17 @@ def fista(
     it = 0
     tau = None
     for it in range(1, max_iter + 1):
-        f_y, g = problem.value_and_grad(y)
+        _, g = problem.value_and_grad(y)
         z = y - g / L
         tau = _capped_simplex_tau(z, cap, 1.0, tau)
         s_new = np.clip(z - tau, 0.0, cap)
         f_new = problem.objective(s_new)
         if f_new > f_s:  # function restart: drop momentum, take a plain projected step from s
             t = 1.0
-            f_sg, g = problem.value_and_grad(s)
+            _, g = problem.value_and_grad(s)
             s_new = project_capped_simplex(s - g / L, cap)
             f_new = problem.objective(s_new)
-            y_step = s_new - s
-        else:
-            y_step = s_new - s
+        y_step = s_new - s
         gm = L * float(np.linalg.norm(y_step))
         if gm0 is None:
             gm0 = max(gm, 1e-300)
@@ -895,7 +934,8 @@ def capped_simplex_matching(
     stats = stats or moment_stats(G)
     problem = MatchingProblem.build(G, c_S, stats, scale=scale)
     if solver == "fista":
-        res = fista(problem, n, max_iter=max_iter, tol=tol)
+        with _single_thread_blas():
+            res = fista(problem, n, max_iter=max_iter, tol=tol)
         extra: dict = {}
     elif solver == "lp":
         res, extra = solve_lp(problem, n)
@@ -908,8 +948,8 @@ def capped_simplex_matching(
         cut = loewner_cut(G, res.s, stats, c_S)
         if cut is None:
             break
-        w, _viol = cut
-        col = principal_coordinates_dir(G, w)
+        w = cut[0]
+        col = project_rows(G, w)
         curv = float(w @ stats.sigma @ w)
         weight = 1.0 if scale == "absolute" else 1.0 / max(curv, 1e-300) ** 2
         problem.add_column(col**2, curv / c_S, curv, weight)
@@ -933,7 +973,8 @@ def capped_simplex_matching(
     return res.s, diag
 
 
-def principal_coordinates_dir(G, w: np.ndarray) -> np.ndarray:
+def project_rows(G, w: np.ndarray) -> np.ndarray:
+    """``G w`` in float64, chunk by chunk."""
     G = np.asarray(G)
     out = np.empty(G.shape[0])
     for lo, hi in _chunks(G.shape[0]):
@@ -962,7 +1003,7 @@ def v1_reference(
     seed: int = 0,
     c_S: float = 0.999,
     steps: int = 10_000,
-    lr: float = 1e-4,
+    lr: float = 1e-5,
     stats: MomentStats | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """A faithful re-implementation of the research code's v1 selector (SPEC section 3), not a product.
@@ -972,7 +1013,9 @@ def v1_reference(
     step ``s`` clamped to ``[0, 1/n]`` and renormalised to sum 1 and ``gamma`` clamped to ``>= 1/c_S``;
     then ``n`` indices drawn by successive weighted sampling without replacement (``choice(p=s,
     replace=False)``), which does not realise ``n s`` as inclusion probabilities. Kept as the
-    reference the product is measured against.
+    reference the product is measured against. The learning rate is not recorded with the research
+    code; ``lr = 1e-5`` reached the lowest final objective of {1e-3, 1e-4, 1e-5} on the GMM benchmark
+    (9.2 vs 115 vs 1683 at N = 3000, m = 40, n = 48), so the reference is given its best showing.
     """
     import torch
 
