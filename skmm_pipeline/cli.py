@@ -67,6 +67,8 @@ def _cmd_select(args) -> int:
     options = dict(_parse_option(o) for o in args.option)
     if args.class_balanced:
         options["class_balanced"] = True
+    if args.outlier_guard:
+        options["outlier_guard"] = True
     sketch_identity = None
     if args.sketch_dim is not None:
         import torch
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sketch-name", default="cli-input", help="parameter name the sketch is derived from")
     s.add_argument("--labels", default=None, help="N labels (.npy), for --class-balanced")
     s.add_argument("--class-balanced", action="store_true", help="split the budget over classes by their sizes")
+    s.add_argument("--outlier-guard", action="store_true",
+                   help="set aside rows that stick out of the pool (corrupted data) before selecting")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option c_S=0.9 --option rounding=pipage (repeatable)")
     s.add_argument("--output", required=True, help="where to write the indices (.npy); the sidecar is .json")

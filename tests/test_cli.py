@@ -32,6 +32,19 @@ def test_select_writes_indices_and_diagnostics(tmp_path):
     assert np.array_equal(np.load(again), idx)
 
 
+def test_select_with_the_outlier_guard_skips_planted_outliers(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8))
+    X[:6] *= 10
+    np.save(tmp_path / "X.npy", X)
+    out = tmp_path / "idx.npy"
+    proc = skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "20", "--outlier-guard", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert not np.isin(np.load(out), np.arange(6)).any()
+    diag = json.loads(out.with_suffix(".json").read_text())
+    assert diag["outliers_excluded"] >= 6 and diag["options"] == {"outlier_guard": True}
+
+
 def test_select_bad_input_gives_one_clear_line(tmp_path):
     X = np.ones((5, 3))
     X[2, 0] = np.inf

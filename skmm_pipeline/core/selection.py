@@ -4,6 +4,24 @@
 distinct row indices (in selection order), the relaxed weights where the method has them, and
 per-method diagnostics (always ``select_seconds``, ``moment_ratio``, ``zero_rows``, ``duplicate_rows``).
 
+Methods (``method_options(name)`` lists each one's options and defaults):
+
+* ``skmm`` (default): A-optimal design in the sketch, ``tr(Sigma (a I + G_S^T G_S)^{-1})`` minimised
+  greedily with Sherman-Morrison updates over the top ``design_dim`` principal directions and finished
+  with Fedorov exchanges on the integer subset; ridge ``a = min(1, 3/n) tr(Sigma) / m``. Pools too
+  large for the exact greedy use a randomly-pivoted-Cholesky start and stochastic greedy picks.
+* ``skmmv2``: the research code's SkMMv2 (RPC start, blocks of picks sampled with a temperature).
+* ``skmm-relaxation``: the paper's capped-simplex moment matching (FISTA with exact projection, or
+  the LP; optional Loewner cuts) and a rounding that keeps the inclusion probabilities ``n s``;
+  ``repair=True`` finishes with the exchanges of ``skmm``.
+* ``skmm-v1-reference``: the research code's v1 loop, for comparison only.
+* baselines (see :mod:`skmm_pipeline.core.baselines`): ``uniform``, ``leverage``, ``ridge-leverage``,
+  ``adaptive``, ``herding``, ``k-center``.
+* model-based baselines (see :mod:`skmm_pipeline.core.model_baselines`; they take frozen features and
+  need labels): ``entropy``, ``margin``, ``least-confidence``, ``grand``, ``el2n``, ``forgetting``,
+  ``glister``, ``deepfool``, ``contextual-diversity``. :func:`method_info` gives each method's group
+  (label-free or label-using) and input (any matrix, or features).
+
 Input handling (checked before any method runs):
 
 * ``n`` must be an integer with ``0 < n <= N``; ``X`` must be 2-D with at least one row and column
@@ -19,6 +37,8 @@ Input handling (checked before any method runs):
 * ``class_balanced=True`` (needs ``labels``) splits the budget over classes in proportion to their
   sizes (largest remainder, at least one per class when ``n`` allows) or as ``class_budgets`` gives
   (a dict label -> count summing to ``n``), and runs the method inside each class.
+* ``outlier_guard=True`` (or a dict of options) first sets aside rows that stick out of the pool
+  (ridge Mahalanobis distance, :mod:`skmm_pipeline.core.outliers`); they cannot be selected.
 """
 
 from __future__ import annotations
@@ -30,7 +50,7 @@ from typing import Callable
 
 import numpy as np
 
-from skmm_pipeline.core import baselines, moment_matching
+from skmm_pipeline.core import baselines, model_baselines, moment_matching
 from skmm_pipeline.core.moment_matching import MomentStats, moment_stats
 from skmm_pipeline.core.rounding import ROUNDINGS, round_to_subset
 from skmm_pipeline.core.validation import InputError, check_budget
@@ -47,15 +67,33 @@ class Selection:
 Selector = Callable[..., tuple]
 SELECTORS: dict[str, Selector] = {}
 DESCRIPTIONS: dict[str, str] = {}
+# Per method: ``group`` "label-free" (never looks at labels) or "label-using"; ``input`` "any" (any N x d
+# matrix, e.g. a gradient sketch) or "features" (frozen penultimate features, together with labels).
+METHOD_INFO: dict[str, dict[str, str]] = {}
+GROUPS = ("label-free", "label-using")
+INPUTS = ("any", "features")
 
 
-def register(name: str, description: str = "") -> Callable[[Selector], Selector]:
+def register(
+    name: str, description: str = "", *, group: str = "label-free", input: str = "any"
+) -> Callable[[Selector], Selector]:
+    if group not in GROUPS or input not in INPUTS:
+        raise ValueError(f"register({name!r}): group must be one of {GROUPS} and input one of {INPUTS}")
+
     def deco(fn: Selector) -> Selector:
         SELECTORS[name] = fn
         DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        METHOD_INFO[name] = {"group": group, "input": input}
         return fn
 
     return deco
+
+
+def method_info(name: str) -> dict:
+    """``{"group": "label-free" | "label-using", "input": "any" | "features"}`` for a registered method."""
+    if name not in METHOD_INFO:
+        raise InputError(f"unknown selection method {name!r}; available: {sorted(SELECTORS)}")
+    return dict(METHOD_INFO[name])
 
 
 def method_options(method: str) -> dict[str, object]:
@@ -149,7 +187,7 @@ def _skmm_relaxation(
     seed,
     labels=None,
     stats,
-    c_S=1.0,
+    c_S=0.999,
     solver="fista",
     max_iter=5000,
     tol=1e-7,
@@ -181,7 +219,7 @@ def _skmm_relaxation(
 
 
 @register("skmm-v1-reference", "The research code's v1 loop (Adam + clamp/renormalise, weighted sampling); comparison only")
-def _skmm_v1(X, n, *, seed, labels=None, stats, c_S=0.999, steps=10_000, lr=1e-4):
+def _skmm_v1(X, n, *, seed, labels=None, stats, c_S=0.999, steps=10_000, lr=1e-5):
     c_S = _check_c_S(c_S)
     idx, w, diag = moment_matching.v1_reference(X, n, seed=seed, c_S=c_S, steps=steps, lr=lr, stats=stats)
     return idx, {"objective": diag["relaxed_objective"], **diag,
@@ -221,6 +259,78 @@ def _herding(X, n, *, seed, labels=None, stats=None):
 @register("k-center", "greedy k-center (farthest-first traversal)")
 def _k_center(X, n, *, seed, labels=None, stats=None):
     return baselines.k_center(X, n, np.random.default_rng(seed))
+
+
+# Model-based baselines (see :mod:`skmm_pipeline.core.model_baselines`): X = frozen penultimate features,
+# labels required; a seeded proxy softmax head is trained on (X, labels) before scoring.
+_MB = model_baselines
+_EP, _LR, _WD, _BS, _REP = _MB.DEFAULT_EPOCHS, _MB.DEFAULT_LR, _MB.DEFAULT_WEIGHT_DECAY, _MB.DEFAULT_BATCH_SIZE, _MB.DEFAULT_REPEATS
+
+
+def _training(epochs, lr, weight_decay, batch_size) -> dict:
+    return dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
+
+
+@register("entropy", "uncertainty: largest predictive entropy of a proxy head", group="label-using", input="features")
+def _entropy(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+    return _MB.select_uncertainty(X, n, labels, kind="entropy", seed=seed, balance=balance,
+                                  **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("margin", "uncertainty: smallest top-two probability margin of a proxy head", group="label-using", input="features")
+def _margin(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+    return _MB.select_uncertainty(X, n, labels, kind="margin", seed=seed, balance=balance,
+                                  **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("least-confidence", "uncertainty: smallest top probability of a proxy head", group="label-using", input="features")
+def _least_confidence(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
+                      balance=False):
+    return _MB.select_uncertainty(X, n, labels, kind="least-confidence", seed=seed, balance=balance,
+                                  **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("grand", "GraNd: largest expected head-gradient norm over seeded proxy trainings", group="label-using", input="features")
+def _grand(X, n, *, seed, labels=None, stats=None, repeats=_REP, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
+           balance=False):
+    return _MB.select_gradient_norm(X, n, labels, score="grand", seed=seed, repeats=repeats, balance=balance,
+                                    **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("el2n", "EL2N: largest expected L2 error of the proxy's probabilities", group="label-using", input="features")
+def _el2n(X, n, *, seed, labels=None, stats=None, repeats=_REP, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
+          balance=False):
+    return _MB.select_gradient_norm(X, n, labels, score="el2n", seed=seed, repeats=repeats, balance=balance,
+                                    **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("forgetting", "forgetting events while training the proxy (never learned first)", group="label-using", input="features")
+def _forgetting(X, n, *, seed, labels=None, stats=None, epochs=_MB.DEFAULT_FORGETTING_EPOCHS, lr=_LR, weight_decay=_WD,
+                batch_size=_BS, balance=False):
+    return _MB.select_forgetting(X, n, labels, seed=seed, balance=balance,
+                                 **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("glister", "GLISTER-ONLINE: greedy validation log-likelihood (Taylor) with head updates", group="label-using",
+          input="features")
+def _glister(X, n, *, seed, labels=None, stats=None, val_X=None, val_labels=None, eta="auto", epochs=_EP, lr=_LR,
+             weight_decay=_WD, batch_size=_BS, balance=False):
+    return _MB.select_glister(X, n, labels, seed=seed, val_X=val_X, val_labels=val_labels, eta=eta, balance=balance,
+                              **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("deepfool", "DeepFool: smallest exact distance to the proxy head's decision boundary", group="label-using",
+          input="features")
+def _deepfool(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+    return _MB.select_deepfool(X, n, labels, seed=seed, balance=balance, **_training(epochs, lr, weight_decay, batch_size))
+
+
+@register("contextual-diversity", "k-center greedy under the symmetric-KL contextual-diversity distance",
+          group="label-using", input="features")
+def _contextual_diversity(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
+                          balance=False):
+    return _MB.select_contextual_diversity(X, n, labels, seed=seed, balance=balance,
+                                           **_training(epochs, lr, weight_decay, batch_size))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,11 +433,35 @@ def _run(method: str, X: np.ndarray, n: int, seed: int, labels, stats: MomentSta
     return np.asarray(idx, dtype=np.int64), diag, weights
 
 
+def _select_balanced(method: str, X: np.ndarray, n: int, seed: int, labels: np.ndarray, given_budgets, options: dict):
+    """Run ``method`` inside each class with per-class budgets (see :func:`class_budgets`)."""
+    budgets = class_budgets(labels, n, given_budgets)
+    parts, per_class = [], {}
+    for ci, (c, b) in enumerate(budgets.items()):
+        if b == 0:
+            continue
+        rows = np.flatnonzero(labels == c)
+        sub_seed = int(np.random.SeedSequence([seed, ci]).generate_state(1)[0])
+        Xc = X[rows]
+        stats_c = moment_stats(Xc)
+        if stats_c.lam[0] <= 0 and method != "uniform":
+            idx_c = np.random.default_rng(sub_seed).choice(rows.size, size=b, replace=False)
+            diag_c = {"note": "class has only zero rows: drawn uniformly"}
+        else:
+            idx_c, diag_c, _ = _run(method, Xc, b, sub_seed, labels[rows], stats_c, options)
+        parts.append(rows[idx_c])
+        per_class[str(c)] = {"budget": b, **{k: v for k, v in diag_c.items() if np.isscalar(v)}}
+    idx = np.concatenate(parts)
+    return idx, {"class_balanced": True, "class_budgets": {str(c): b for c, b in budgets.items()}, "per_class": per_class}
+
+
 def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> Selection:
     """Select ``n`` of the ``N`` rows of ``X`` with the registered ``method``.
 
-    Options common to every method: ``class_balanced`` (bool) and ``class_budgets`` (dict); the rest
-    are the method's own (see :func:`method_options`).
+    Options common to every method: ``class_balanced`` (bool), ``class_budgets`` (dict) and
+    ``outlier_guard`` (bool, or a dict of :func:`core.outliers.outlier_guard` options: rows it flags
+    cannot be selected; ``outliers_excluded`` reports how many); the rest are the method's own (see
+    :func:`method_options`).
     """
     if method not in SELECTORS:
         raise InputError(f"unknown selection method {method!r}; available: {sorted(SELECTORS)}")
@@ -345,34 +479,38 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
     given_budgets = options.pop("class_budgets", None)
     if given_budgets is not None:
         balanced = True
+    guard = options.pop("outlier_guard", False)
     t0 = time.perf_counter()
     stats = moment_stats(X)
     if stats.lam[0] <= 0 and method != "uniform":
         raise InputError("all rows of X are zero (all sketched gradients are zero): there is nothing to select on")
-    weights = None
+    pool, guard_diag = np.arange(N), {}
+    if guard:
+        from skmm_pipeline.core.outliers import outlier_guard
+
+        if guard is not True and not isinstance(guard, dict):
+            raise InputError(f"outlier_guard must be a bool or a dict of options (threshold, ridge, iterations), got {guard!r}")
+        result = outlier_guard(X, n, **({} if guard is True else guard))
+        guard_diag = result.diagnostics()
+        if result.excluded:
+            pool = np.flatnonzero(result.keep)
+    sub = X if pool.size == N else X[pool]
+    sub_labels = None if labels is None else labels[pool]
+    sub_stats = stats if pool.size == N else moment_stats(sub)
     if balanced:
         if labels is None:
             raise InputError("class_balanced selection needs labels")
-        budgets = class_budgets(labels, n, given_budgets)
-        parts, per_class = [], {}
-        for ci, (c, b) in enumerate(budgets.items()):
-            if b == 0:
-                continue
-            rows = np.flatnonzero(labels == c)
-            sub_seed = int(np.random.SeedSequence([seed, ci]).generate_state(1)[0])
-            Xc = X[rows]
-            stats_c = moment_stats(Xc)
-            if stats_c.lam[0] <= 0 and method != "uniform":
-                idx_c = np.random.default_rng(sub_seed).choice(rows.size, size=b, replace=False)
-                diag_c = {"note": "class has only zero rows: drawn uniformly"}
-            else:
-                idx_c, diag_c, _ = _run(method, Xc, b, sub_seed, labels[rows], stats_c, options)
-            parts.append(rows[idx_c])
-            per_class[str(c)] = {"budget": b, **{k: v for k, v in diag_c.items() if np.isscalar(v)}}
-        idx = np.concatenate(parts)
-        diag = {"class_balanced": True, "class_budgets": {str(c): b for c, b in budgets.items()}, "per_class": per_class}
+        idx, diag = _select_balanced(method, sub, n, seed, sub_labels, given_budgets, options)
+        weights = None
     else:
-        idx, diag, weights = _run(method, X, n, seed, labels, stats, options)
+        idx, diag, weights = _run(method, sub, n, seed, sub_labels, sub_stats, options)
+    if pool.size != N:
+        idx = pool[idx]
+        if weights is not None:
+            full = np.zeros(N)
+            full[pool] = weights
+            weights = full
+    diag.update(guard_diag)
     if idx.shape != (n,) or np.unique(idx).size != n or idx.min() < 0 or idx.max() >= N:
         raise RuntimeError(f"selector {method!r} returned {idx.size} indices ({np.unique(idx).size} unique), expected {n}")
     seconds = time.perf_counter() - t0

@@ -106,3 +106,61 @@ def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: in
     images = np.clip(images + rng.normal(0, 0.05, size=images.shape), 0, 1).astype(np.float32)
     write_shard(path, images, pool.labels[idx])
     return name
+
+
+@dataclass(frozen=True)
+class CuratedPool:
+    """A pool polluted like real deliveries: near-duplicates and corrupted images (see
+    :func:`curation_pool`). ``kind`` is 0 clean, 1 near-duplicate, 2 corrupted; ``source`` is the clean
+    pool row an image was derived from (-1 for corrupted ones)."""
+
+    pool: Split
+    kind: np.ndarray
+    source: np.ndarray
+
+    @property
+    def corrupted(self) -> np.ndarray:
+        return self.kind == 2
+
+
+CORRUPTIONS = ("noise", "inverted", "salt-pepper", "blank-stripe")
+
+
+def curation_pool(pool: Split, seed: int = 0, duplicate_frac: float = 0.2, corrupt_frac: float = 0.05) -> CuratedPool:
+    """The curation variant of the embedded scenario: ``pool`` plus near-duplicates (a clean image
+    shifted by one pixel with light noise, same label) making up ``duplicate_frac`` of the result, and
+    corrupted images (uniform noise, inverted, salt-and-pepper or half-blanked digits, with a random
+    label) making up ``corrupt_frac``. Rows are shuffled; a seed fixes everything."""
+    if not (0 <= duplicate_frac and 0 <= corrupt_frac and duplicate_frac + corrupt_frac < 1):
+        raise ValueError("duplicate_frac and corrupt_frac must be non-negative and sum to less than 1")
+    rng = np.random.default_rng(seed)
+    n_clean = len(pool.labels)
+    total = int(round(n_clean / (1 - duplicate_frac - corrupt_frac)))
+    n_dup, n_bad = int(round(duplicate_frac * total)), int(round(corrupt_frac * total))
+    k = int(pool.labels.max()) + 1
+
+    src = rng.integers(0, n_clean, size=n_dup)
+    dups = pool.images[src].copy()
+    shifts = rng.integers(-1, 2, size=(n_dup, 2))
+    for i, (dy, dx) in enumerate(shifts):  # per image: a one-pixel roll, then light noise
+        dups[i] = np.roll(dups[i], (int(dy), int(dx)), axis=(-2, -1))
+    dups = np.clip(dups + rng.normal(0, 0.03, size=dups.shape), 0, 1).astype(np.float32)
+
+    base = pool.images[rng.integers(0, n_clean, size=n_bad)].copy()
+    how = rng.integers(0, len(CORRUPTIONS), size=n_bad)
+    bad = np.empty_like(base)
+    noise = rng.uniform(0, 1, size=base.shape).astype(np.float32)
+    bad[how == 0] = noise[how == 0]
+    bad[how == 1] = 1.0 - base[how == 1]
+    sp = np.where(rng.uniform(size=base.shape) < 0.5, base, (rng.uniform(size=base.shape) < 0.5).astype(np.float32))
+    bad[how == 2] = sp[how == 2]
+    stripe = base.copy()
+    stripe[..., :, 4:] = 1.0
+    bad[how == 3] = stripe[how == 3]
+
+    images = np.concatenate([pool.images, dups, bad]).astype(np.float32)
+    labels = np.concatenate([pool.labels, pool.labels[src], rng.integers(0, k, size=n_bad)]).astype(np.int64)
+    kind = np.concatenate([np.zeros(n_clean, np.int64), np.ones(n_dup, np.int64), np.full(n_bad, 2, np.int64)])
+    source = np.concatenate([np.arange(n_clean), src, np.full(n_bad, -1)]).astype(np.int64)
+    order = rng.permutation(len(labels))
+    return CuratedPool(Split(images[order], labels[order]), kind[order], source[order])

@@ -218,7 +218,8 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
     from skmm_pipeline.core.selection import select
 
     G, ids, identity = load_sketches(gradient_sketch)
-    result = select(settings.method, G, settings.budget, seed=settings.seed)
+    result = select(settings.method, G, settings.budget, seed=settings.seed,
+                    **({"outlier_guard": True} if settings.outlier_guard else {}))
     chosen = [ids[i] for i in result.indices]
     shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
     fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
@@ -245,6 +246,7 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
             "method": settings.method,
             "moment_ratio": float(result.diagnostics["moment_ratio"]),
             "select_seconds": float(result.diagnostics["select_seconds"]),
+            "outliers_excluded": int(result.diagnostics.get("outliers_excluded", 0)),
             "picked_per_shard": dg.MetadataValue.json(per_shard),
             "sketch_fingerprint": fingerprint,
             "first_ids": dg.MetadataValue.json(chosen[:20]),

@@ -49,6 +49,8 @@ class SkmmSettings(dg.ConfigurableResource):
     pretrain_epochs: int = 40
     uniform_repeats: int = 5
     min_moment_ratio: float = 0.1
+    # Set aside samples that stick out of the pool in the sketch (core.outliers) before selecting.
+    outlier_guard: bool = False
     # The model: "small_cnn" (the embedded scenario, pretrained on digits 0-4), or a torchvision
     # backbone ("resnet18", "resnet50", "vit_b_16") with weights from a local file or "hub" (the torch
     # hub cache; never downloaded) or "" (random init, for smoke tests only).
