@@ -61,6 +61,22 @@ def test_select_with_the_guard_never_picks_excluded_rows():
     assert not np.isin(bal.indices, np.arange(12)).any() and bal.diagnostics["class_balanced"]
 
 
+def test_class_balanced_guard_catches_rows_that_only_stick_out_of_their_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 150)
+    X = rng.normal(size=(300, 6)) * 0.3
+    X[labels == 1, 0] += 4.0
+    X[:5, 0] += 4.0  # class-0 rows sitting in the middle of class 1 (a wrong label): typical of the pool
+    assert outlier_guard(X).keep[:5].all()
+    sel = select("skmm", X, 40, seed=0, labels=labels, class_balanced=True, outlier_guard=True)
+    assert not np.isin(sel.indices, np.arange(5)).any()
+    assert sel.diagnostics["outliers_excluded"] >= 5 and set(sel.diagnostics["outlier_cutoff"]) == {"0", "1"}
+    assert sel.diagnostics["class_budgets"] == {"0": 20, "1": 20}
+    # Given budgets are met even where the guard would keep fewer rows (class 1 has 10 rows here).
+    sel = select("skmm", X[:160], 12, seed=0, labels=labels[:160], class_budgets={0: 2, 1: 10}, outlier_guard=True)
+    assert np.bincount(labels[:160][sel.indices]).tolist() == [2, 10]
+
+
 @pytest.mark.parametrize("bad", [True, 1.0, 0.5, "x"])
 def test_bad_guard_options_are_refused(bad):
     X = cloud()

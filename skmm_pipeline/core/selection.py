@@ -38,7 +38,9 @@ Input handling (checked before any method runs):
   sizes (largest remainder, at least one per class when ``n`` allows) or as ``class_budgets`` gives
   (a dict label -> count summing to ``n``), and runs the method inside each class.
 * ``outlier_guard=True`` (or a dict of options) first sets aside rows that stick out of the pool
-  (ridge Mahalanobis distance, :mod:`skmm_pipeline.core.outliers`); they cannot be selected.
+  (ridge Mahalanobis distance, :mod:`skmm_pipeline.core.outliers`); they cannot be selected. With
+  ``class_balanced`` the guard runs inside each class (a corrupted image with a wrong label stands out
+  there) and every class keeps at least its budget.
 """
 
 from __future__ import annotations
@@ -490,10 +492,23 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
 
         if guard is not True and not isinstance(guard, dict):
             raise InputError(f"outlier_guard must be a bool or a dict of options (threshold, ridge, iterations), got {guard!r}")
-        result = outlier_guard(X, n, **({} if guard is True else guard))
-        guard_diag = result.diagnostics()
-        if result.excluded:
-            pool = np.flatnonzero(result.keep)
+        guard_opts = {} if guard is True else guard
+        if balanced and labels is not None:
+            # Inside each class, where a corrupted image carrying a wrong label stands out; every class
+            # keeps at least its budget, and the budgets are those of the whole pool.
+            given_budgets = class_budgets(labels, n, given_budgets)
+            keep, cutoffs = np.ones(N, dtype=bool), {}
+            for c, b in given_budgets.items():
+                rows = np.flatnonzero(labels == c)
+                res_c = outlier_guard(X[rows], b, **guard_opts)
+                keep[rows] = res_c.keep
+                cutoffs[str(c)] = res_c.cutoff
+            guard_diag = {"outliers_excluded": int((~keep).sum()), "outlier_cutoff": cutoffs}
+        else:
+            result = outlier_guard(X, n, **guard_opts)
+            keep, guard_diag = result.keep, result.diagnostics()
+        if not keep.all():
+            pool = np.flatnonzero(keep)
     sub = X if pool.size == N else X[pool]
     sub_labels = None if labels is None else labels[pool]
     sub_stats = stats if pool.size == N else moment_stats(sub)

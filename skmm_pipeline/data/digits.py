@@ -117,6 +117,7 @@ class CuratedPool:
     pool: Split
     kind: np.ndarray
     source: np.ndarray
+    corruption: np.ndarray  # index into CORRUPTIONS for corrupted images, -1 otherwise
 
     @property
     def corrupted(self) -> np.ndarray:
@@ -162,5 +163,6 @@ def curation_pool(pool: Split, seed: int = 0, duplicate_frac: float = 0.2, corru
     labels = np.concatenate([pool.labels, pool.labels[src], rng.integers(0, k, size=n_bad)]).astype(np.int64)
     kind = np.concatenate([np.zeros(n_clean, np.int64), np.ones(n_dup, np.int64), np.full(n_bad, 2, np.int64)])
     source = np.concatenate([np.arange(n_clean), src, np.full(n_bad, -1)]).astype(np.int64)
+    corruption = np.concatenate([np.full(n_clean + n_dup, -1), how]).astype(np.int64)
     order = rng.permutation(len(labels))
-    return CuratedPool(Split(images[order], labels[order]), kind[order], source[order])
+    return CuratedPool(Split(images[order], labels[order]), kind[order], source[order], corruption[order])
