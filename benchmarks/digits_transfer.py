@@ -1,82 +1,154 @@
-"""Embedded digits transfer benchmark: FT-1 test accuracy of SkMM vs uniform selection over seeds.
+"""Embedded digits transfer benchmark: every selection method, FT-1 (and FT-2) test accuracy over seeds.
 
-The pretrained CNN is fixed (seed 0, as a user's pretrained model would be); each seed fixes the
-sketch, the selection and the uniform draw. Prints mean +- s.e.m. per budget and method, and the
-difference SkMM - uniform in units of its standard error (paired over seeds).
+The pretrained CNN is fixed (pretrained once with seed 0, as a user's pretrained model would be). Each
+seed fixes the gradient sketch (the engine's Gaussian sketch of the head's label-free Jacobian rows,
+m = 128 by default), the selection and the training. Runs the comparison core
+(``skmm_pipeline.core.comparison``) and prints, per finetuning mode:
 
-    python benchmarks/digits_transfer.py [--seeds 20] [--sketch-dims 32,64] [--extra-methods skmmv2,ridge-leverage]
+* the label-free group (methods that never see a label) and the label-using group (class-balanced
+  variants ``<method>-cb`` and the model-based baselines, which train a head on the labelled pool),
+  each as a table of mean ± s.e.m. test accuracy (%) per budget;
+* per group, the paired difference to the group's uniform baseline (``uniform`` / ``uniform-cb``) in
+  points and in s.e.m. units (z), paired over seeds;
+* last, ``name: value`` headline lines: whether the default SkMM is best in its group or within one
+  s.e.m. of the best (paired) at every n <= 80, beats uniform by >= 2 s.e.m. at every n <= 40 and is
+  never below uniform; the same for class-balanced SkMM among the label-using methods.
 
-``--extra-methods`` adds other registered selection methods (run on the sketch of each m, label-free),
-e.g. ``skmmv2``, ``skmm-relaxation``, ``leverage``, ``ridge-leverage``, ``adaptive``, ``herding``,
-``k-center``.
+    python benchmarks/digits_transfer.py [--seeds 20] [--finetune ft1|ft2|both] [--methods skmm,uniform,...]
+        [--budgets 10,20,40,80,160] [--sketch-dim 128] [--no-class-balanced] [--csv rows.csv] [--plot plot.png]
+    python benchmarks/digits_transfer.py --from-csv rows.csv      # the report of a saved run
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-import numpy as np
-import pandas as pd
 import torch
 
-from skmm_pipeline.core.finetune import Standardizer, linear_probe
-from skmm_pipeline.core.gradients import gradient_dim
-from skmm_pipeline.core.selection import select
-from skmm_pipeline.core.sketch import make_sketch
+from skmm_pipeline.core import comparison as cmp
+from skmm_pipeline.core.finetune import FinetuneGrid
 from skmm_pipeline.data.digits import load_digits_transfer
-from skmm_pipeline.models.small_cnn import extract_features, pretrain, sketch_head_gradients
+from skmm_pipeline.models.backbones import finetune_split
+from skmm_pipeline.models.small_cnn import pretrain
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seeds", type=int, default=20)
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=20, help="number of seeds (default 20)")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--budgets", default="10,20,40,80,160")
-    ap.add_argument("--sketch-dims", default="64")
-    ap.add_argument("--design-dims", default="none", help="comma list of none|auto|int for skmm")
-    ap.add_argument("--extra-methods", default="", help="comma list of other registered methods to compare")
-    args = ap.parse_args()
-    extra = [m for m in args.extra_methods.split(",") if m]
-    budgets = [int(b) for b in args.budgets.split(",")]
-    dims = [int(m) for m in args.sketch_dims.split(",")]
-    designs = [None if d == "none" else (d if d == "auto" else int(d)) for d in args.design_dims.split(",")]
+    ap.add_argument("--finetune", default="ft1", choices=sorted(cmp.FINETUNE_MODES),
+                    help="FT-1 (logistic head on frozen features), FT-2 (last block + head), or both")
+    ap.add_argument("--methods", default="", help="comma list of registered methods (default: all but "
+                    + ", ".join(cmp.EXCLUDED_BY_DEFAULT) + ")")
+    ap.add_argument("--no-class-balanced", action="store_true", help="skip the label-using group")
+    ap.add_argument("--sketch-dim", type=int, default=128, help="m of the gradient sketch (default 128)")
+    ap.add_argument("--label-mode", default="expected", help="label mode of the sketched gradients (default expected)")
+    ap.add_argument("--ft2-epochs", default="10,30,60", help="FT-2 epoch checkpoints chosen on validation")
+    ap.add_argument("--pretrain-threads", type=int, default=2,
+                    help="torch threads while pretraining (default 2, as the pipeline on a 2-core machine: the "
+                    "pretrained weights depend on the thread count)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and BLAS threads (default 1: many small problems run faster on one thread)")
+    ap.add_argument("--csv", default="", help="write the tidy per-seed rows here")
+    ap.add_argument("--plot", default="", help="write the accuracy-vs-n plot (PNG) here")
+    ap.add_argument("--from-csv", default="", help="print the report of rows saved with --csv; run nothing")
+    args = ap.parse_args(argv)
+    if args.from_csv:
+        import pandas as pd
 
-    torch.set_num_threads(2)
-    data = load_digits_transfer()
-    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, seed=0)
-    std = Standardizer(extract_features(model, data.pool.images))
-    pool_f, val_f, test_f = (std(extract_features(model, s.images)) for s in (data.pool, data.val, data.test))
+        report(pd.read_csv(args.from_csv, keep_default_na=False, na_values=[""]), args)
+        return 0
 
-    rows = []
+    from threadpoolctl import threadpool_limits
+
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        methods = {}
-        for m in dims:
-            sk = make_sketch("gaussian", gradient_dim(model.feature_dim, model.num_classes, "expected"), m, seed, "head")
-            G = sketch_head_gradients(model, data.pool.images, sk)
-            for d in designs:
-                methods[f"skmm(m={m},k={d})"] = ("skmm", G, {} if d is None else {"design_dim": d})
-            for name in extra:
-                methods[f"{name}(m={m})"] = (name, G, {})
-        methods["uniform"] = ("uniform", pool_f, {})
-        for n in budgets:
-            for label, (method, X, opts) in methods.items():
-                idx = select(method, X, n, seed=seed, **opts).indices
-                res = linear_probe(pool_f[idx], data.pool.labels[idx], val_f, data.val.labels, test_f, data.test.labels)
-                rows.append({"seed": seed, "n": n, "method": label, "acc": 100 * res.test_accuracy})
-    df = pd.DataFrame(rows)
-    table = df.groupby(["n", "method"])["acc"].agg(["mean", "sem"]).unstack("method")
-    fmt = table["mean"].round(1).astype(str) + " ± " + table["sem"].round(1).astype(str)
-    print(f"FT-1 test accuracy (%), digits 5-9 pool of {len(pool_f)}, {args.seeds} seeds\n")
-    print(fmt.to_string())
-    wide = df.pivot_table(index=["n", "seed"], columns="method", values="acc")
-    print("\npaired difference vs uniform (points, z = mean / s.e.m.):")
-    for col in [c for c in wide.columns if c != "uniform"]:
-        diff = (wide[col] - wide["uniform"]).groupby("n")
-        z = diff.mean() / diff.sem()
-        print(f"  {col}: " + ", ".join(f"n={n}: {d:+.1f} (z={zz:.1f})" for n, d, zz in zip(z.index, diff.mean(), z)))
-    print(f"\nseconds: {time.perf_counter() - t0:.1f}")
+    log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    data = load_digits_transfer()
+    torch.set_num_threads(args.pretrain_threads)
+    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, seed=0)
+    log("pretrained")
+    torch.set_num_threads(args.threads)
+    threadpool_limits(limits=args.threads, user_api="blas")
+    pool_f, (val_f, test_f) = cmp.standardized_features(model, data.pool.images, [data.val.images, data.test.images])
+    pool = cmp.Split.of("pool", pool_f, data.pool.labels, data.pool.images)
+    val = cmp.Split.of("val", val_f, data.val.labels, data.val.images)
+    test = cmp.Split.of("test", test_f, data.test.labels, data.test.images)
+    sketches = cmp.SeededSketches(model, data.pool.images, labels=data.pool.labels, sample_ids=list(pool.ids),
+                                  sketch_dim=args.sketch_dim, kind="gaussian", layers="ft1",
+                                  label_mode=args.label_mode, device="cpu")
+    methods = [m for m in args.methods.split(",") if m] or None
+    specs = cmp.default_specs(methods, class_balanced=not args.no_class_balanced)
+    ft2 = None
+    if args.finetune != "ft1":
+        prefix, tail = finetune_split(model, "ft2")
+        ft2 = cmp.FT2Setup(prefix, tail, FinetuneGrid(epochs=tuple(_ints(args.ft2_epochs))), "cpu")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    log(f"{len(specs)} methods x {len(_ints(args.budgets))} budgets x {len(seeds)} seeds, {args.finetune}")
+    df = cmp.compare(pool, val, test, specs, _ints(args.budgets), seeds, sketch=sketches, finetune=args.finetune,
+                     ft2=ft2, full_pool=True, progress=log, threads=args.threads)
+    seconds = time.perf_counter() - t0
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    report(df, args, seconds)
+    return 0
+
+
+def report(df, args, seconds: float | None = None) -> None:
+    """Print the tables and the headline lines of a run (the tidy rows of ``comparison.compare``)."""
+    summary = cmp.summarize(df)
+    if args.plot:
+        with open(args.plot, "wb") as fh:
+            fh.write(cmp.plot_comparison(summary))
+    seeds = sorted(set(df[df.group != cmp.REFERENCE].seed))
+    pool_size = int(df[df.method == cmp.FULL_POOL].n.max()) if (df.method == cmp.FULL_POOL).any() else "?"
+    print(f"Digits 5-9 transfer: pool {pool_size}; pretrained CNN fixed (seed 0); sketch: engine, gaussian, "
+          f"m = {args.sketch_dim}, label_mode = {args.label_mode}; {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}); "
+          "test accuracy (%), mean ± s.e.m. over seeds")
+    headlines: list[tuple[str, str]] = []
+    for ft in dict.fromkeys(df.finetune):
+        ceiling = summary[(summary.finetune == ft) & (summary.method == cmp.FULL_POOL)]
+        for group in cmp.GROUPS:
+            table = cmp.method_table(summary, ft, group)
+            if table.empty:
+                continue
+            print(f"\n{ft}, {group}:\n{table.to_string()}")
+            z = cmp.z_table(summary, ft, group)
+            if len(z):
+                print(f"\n{ft}, {group}: paired difference to {z.index.name[3:]} (points, z = mean / s.e.m.):\n{z.to_string()}")
+        failed = df[(df.finetune == ft) & (df.status != "ok")]
+        if len(failed):
+            print(f"\n{ft}: {len(failed)} failed runs:")
+            for (method, n), g in failed.groupby(["method", "n"], sort=False):
+                print(f"  {method} n={n} ({len(g)} seeds): {g.reason.iloc[0]}")
+        if len(ceiling):
+            print(f"\n{ft} full-pool ceiling ({pool_size} samples): {100 * ceiling['mean'].iloc[0]:.1f}")
+        key = ft.lower().replace("-", "")
+        for method, group in (("skmm", cmp.LABEL_FREE), ("skmm" + cmp.CB_SUFFIX, cmp.LABEL_USING)):
+            if method not in set(df.method):
+                continue
+            checks = cmp.headline_checks(df, ft, method, group)
+            ref = cmp.group_baselines(df)[group]
+            headlines += [
+                (f"{key}_{method}_best_{group.replace('-', '_')}_or_within_1sem_n_le_80", checks["best_or_within_1sem"]),
+                (f"{key}_{method}_beats_{ref}_by_2sem_n_le_40", checks["beats_baseline"]),
+                (f"{key}_{method}_never_below_{ref}", checks["never_below_baseline"]),
+            ]
+        if len(ceiling):
+            headlines.append((f"{key}_full_pool_accuracy", f"{100 * ceiling['mean'].iloc[0]:.1f}"))
+    headlines += [("failed_runs", str(int((df.status != "ok").sum()))), ("seeds", str(len(seeds)))]
+    if seconds is not None:
+        headlines.append(("seconds", f"{seconds:.0f}"))
+    print()
+    for name, value in headlines:
+        print(f"{name}: {value}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,8 @@ def _cmd_demo(args) -> int:
     from skmm_pipeline.demo import format_report, run_demo
 
     root = Path(args.root).resolve()
-    record = run_demo(root, budget=args.budget, seed=args.seed, n_shards=args.shards, finetune_mode=args.finetune)
+    record = run_demo(root, budget=args.budget, seed=args.seed, n_shards=args.shards, finetune_mode=args.finetune,
+                      benchmark=args.benchmark, benchmark_config={"seeds": args.benchmark_seeds})
     print(format_report(record))
     db = record["mlflow_tracking_uri"]
     print(
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shards", type=int, default=3, help="number of shards the pool arrives in")
     d.add_argument("--finetune", default="ft1", choices=["ft1", "ft2", "both"],
                    help="evaluation: FT-1 (head on frozen features), FT-2 (last block + head), or both")
+    d.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="then run the benchmark job (selection_benchmark): every selection method x budgets "
+                   "10-160 x seeds, FT-1, label-free and label-using groups, logged to MLflow; about 1-2 minutes "
+                   "on 2 CPU cores (default: on)")
+    d.add_argument("--benchmark-seeds", type=int, default=5, metavar="K", help="seeds of the benchmark (default 5)")
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser(

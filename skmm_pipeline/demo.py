@@ -37,8 +37,14 @@ def run_demo(
     pretrain_epochs: int = 40,
     finetune_mode: str = "ft1",
     log=print,
+    benchmark: bool = False,
+    benchmark_config: dict | None = None,
 ) -> dict:
-    """Register the embedded shards and materialize the whole graph; returns finetune_eval's record."""
+    """Register the embedded shards and materialize the whole graph; returns finetune_eval's record.
+
+    ``benchmark``: then also run the ``benchmark`` job (``selection_benchmark``, run config
+    ``benchmark_config``, e.g. ``{"seeds": 3}``); its record is returned under ``"benchmark"``.
+    """
     import dagster as dg
 
     from skmm_pipeline.core.validation import check_budget
@@ -52,6 +58,10 @@ def run_demo(
     root = Path(root).resolve()
     # Fail before any work if the budget cannot be met by the pool.
     check_budget(budget, len(load_digits_transfer().pool.labels))
+    if benchmark:
+        from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
+
+        check_config(BenchmarkConfig(**(benchmark_config or {})))
     settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs, finetune_mode=finetune_mode)
     defs = build_definitions(root, settings=settings)
     # A dirty data/ would make the versioning step fail after all the work: refuse up front.
@@ -75,7 +85,8 @@ def run_demo(
 
     def run(job: str, what: str, **kw):
         log(f"[skmm] {what}")
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=QUIET, **kw)
+        run_config = {**QUIET, **kw.pop("run_config", {})}
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=run_config, **kw)
         if not result.success:
             raise RuntimeError(f"job {job!r} failed (run {result.run_id}); see the Dagster UI for the error")
         return result
@@ -85,7 +96,14 @@ def run_demo(
     for name in names:
         run("sketch_shard", f"raw_shard + gradient_sketch [{name}]", partition_key=name)
     result = run("reselect", f"skmm_selection (n={budget}) -> subset_version (DVC) -> finetune_eval (MLflow)")
-    return result.output_for_node("finetune_eval")
+    record = dict(result.output_for_node("finetune_eval"))
+    if benchmark:
+        config = dict(benchmark_config or {})
+        what = ", ".join(f"{k}={v}" for k, v in config.items()) or "defaults"
+        bench = run("benchmark", f"selection_benchmark ({what}): every method x budget x seed -> MLflow",
+                    run_config={"ops": {"selection_benchmark": {"config": config}}})
+        record["benchmark"] = bench.output_for_node("selection_benchmark")
+    return record
 
 
 def format_report(record: dict) -> str:
@@ -104,4 +122,33 @@ def format_report(record: dict) -> str:
         f"subset version (DVC tag): {record['dvc_tag']}   (git show {record['dvc_tag']}; skmm versions list)",
         f"MLflow run: {record['mlflow_run_id']} in {record['mlflow_tracking_uri']}",
     ]
+    if "benchmark" in record:
+        lines += ["", format_benchmark(record["benchmark"])]
+    return "\n".join(lines)
+
+
+def format_benchmark(bench: dict) -> str:
+    """The selection_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
+    import pandas as pd
+
+    from skmm_pipeline.core import comparison as cmp
+
+    summary = pd.DataFrame(bench["summary"])
+    for col in ("mean", "sem", "diff", "diff_sem", "z"):
+        summary[col] = pd.to_numeric(summary[col], errors="coerce")
+    seeds = bench["seeds"]
+    lines = [f"Selection benchmark: test accuracy (%), mean ± s.e.m. over {len(seeds)} seeds ({seeds[0]}..{seeds[-1]})"]
+    for ft in dict.fromkeys(summary.finetune):
+        for group in (*cmp.GROUPS, cmp.REFERENCE):
+            table = cmp.method_table(summary, ft, group)
+            if table.empty:
+                continue
+            lines += ["", f"{ft}, {group}:", table.to_string()]
+            if group != cmp.REFERENCE:
+                z = cmp.z_table(summary, ft, group)
+                if len(z):
+                    lines += ["", f"{ft}, {group}: paired difference to {z.index.name[3:]} (points, z = mean / s.e.m.):",
+                              z.to_string()]
+    lines += ["", f"{bench['runs']} runs ({bench['failed_runs']} failed) in {bench['seconds']:.0f} s; "
+              f"MLflow run: {bench['mlflow_run_id']}"]
     return "\n".join(lines)

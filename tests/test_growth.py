@@ -1,6 +1,5 @@
 """Growing data: the shard sensor, incremental sketching, the re-selection schedule, asset checks."""
 
-import json
 import multiprocessing
 import os
 import signal

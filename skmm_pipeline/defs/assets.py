@@ -321,6 +321,22 @@ def eval_splits(workspace: Workspace) -> EvalData:
     return EvalData(workspace)
 
 
+def load_labelled_pool(raw_shard: dict, pretrained_model: dict, settings: SkmmSettings, unlabelled_error: str):
+    """The run's device, the pretrained model on it, and the registered pool in shard-name order:
+    ``(device, model, ids, labels, images)``; raises ``ValueError(unlabelled_error)`` for unlabelled shards."""
+    from skmm_pipeline.data.shards import read_shard
+    from skmm_pipeline.models.backbones import load_backbone
+    from skmm_pipeline.models.small_cnn import select_device
+
+    device = select_device(settings.device)
+    model = load_backbone(Path(pretrained_model["path"]), device)
+    shards = [read_shard(Path(raw_shard[name]["path"])) for name in sorted(raw_shard)]
+    if any(s.labels is None for s in shards):
+        raise ValueError(unlabelled_error)
+    ids = [i for s in shards for i in s.ids]
+    return device, model, ids, np.concatenate([s.labels for s in shards]), np.concatenate([s.images for s in shards])
+
+
 def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
     """FT-1: logistic head on pool-standardised frozen features, C chosen on validation."""
     from skmm_pipeline.core.finetune import Standardizer, linear_probe
@@ -395,20 +411,10 @@ def finetune_eval(
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
     from skmm_pipeline.core.sketch import derive_seed
-    from skmm_pipeline.data.shards import read_shard
-    from skmm_pipeline.models.backbones import load_backbone
-    from skmm_pipeline.models.small_cnn import select_device
-
     if settings.finetune_mode not in FINETUNE_MODES:
         raise ValueError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {settings.finetune_mode!r}")
-    device = select_device(settings.device)
-    model = load_backbone(Path(pretrained_model["path"]), device)
-    shards = [read_shard(Path(raw_shard[name]["path"])) for name in sorted(raw_shard)]
-    if any(s.labels is None for s in shards):
-        raise ValueError("finetune_eval needs labelled shards to train the head on the selected subset")
-    ids = [i for s in shards for i in s.ids]
-    labels = np.concatenate([s.labels for s in shards])
-    images = np.concatenate([s.images for s in shards])
+    device, model, ids, labels, images = load_labelled_pool(
+        raw_shard, pretrained_model, settings, "finetune_eval needs labelled shards to train the head on the selected subset")
     ev = eval_splits(workspace)
     position = {sid: k for k, sid in enumerate(ids)}
     missing = [s for s in skmm_selection["sample_ids"] if s not in position]
