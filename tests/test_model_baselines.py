@@ -101,6 +101,8 @@ def test_balance_splits_the_budget_over_classes(method):
     assert np.unique(res.indices).size == 20
     counts = np.bincount(y[res.indices], minlength=3)
     assert dict(enumerate(counts.tolist())) == class_budgets(y, 20)
+    # Balanced is the registered default (as in DeepCore).
+    assert np.array_equal(select(method, X, 20, seed=0, labels=y, **FAST).indices, res.indices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_uncertainty_scores_match_a_numpy_recomputation_and_the_most_uncertain_a
     for kind, expected in direct.items():
         scores = mb.uncertainty_scores(P, kind)
         np.testing.assert_allclose(scores, expected, atol=1e-12)
-        res = select(kind, X, 25, seed=5, labels=y, epochs=6)
+        res = select(kind, X, 25, seed=5, labels=y, balance=False, epochs=6)
         chosen = np.zeros(len(y), dtype=bool)
         chosen[res.indices] = True
         if kind == "margin":  # smallest margins
@@ -135,7 +137,7 @@ def test_uncertainty_scores_match_a_numpy_recomputation_and_the_most_uncertain_a
 def test_uncertainty_ties_are_broken_by_the_seed():
     X = np.repeat(np.array([[1.0, 0.0], [-1.0, 0.0]]), 20, axis=0)  # 2 distinct rows: scores tie in blocks
     y = np.repeat([0, 1], 20)
-    picks = {tuple(sorted(select("entropy", X, 5, seed=s, labels=y, epochs=2).indices)) for s in range(6)}
+    picks = {tuple(sorted(select("entropy", X, 5, seed=s, labels=y, balance=False, epochs=2).indices)) for s in range(6)}
     assert len(picks) > 1
 
 
@@ -167,7 +169,7 @@ def test_grand_closed_form_equals_autograd_per_sample_gradient_norms():
         axis=0,
     )
     np.testing.assert_allclose(out["grand"][rows], norms, rtol=1e-10)
-    res = select("grand", X, 15, seed=seed, labels=y, repeats=repeats, epochs=3)
+    res = select("grand", X, 15, seed=seed, labels=y, balance=False, repeats=repeats, epochs=3)
     assert set(res.indices.tolist()) == set(np.argsort(-out["grand"])[:15].tolist())
 
 
@@ -181,7 +183,7 @@ def test_el2n_equals_the_direct_error_norm_average():
         direct += np.linalg.norm(P - np.eye(3)[y], axis=1) / repeats
     np.testing.assert_allclose(out["el2n"], direct, atol=1e-12)
     np.testing.assert_allclose(out["grand"], direct * np.sqrt((X**2).sum(axis=1) + 1), atol=1e-12)
-    res = select("el2n", X, 12, seed=seed, labels=y, repeats=repeats, epochs=3)
+    res = select("el2n", X, 12, seed=seed, labels=y, balance=False, repeats=repeats, epochs=3)
     chosen = np.zeros(len(y), dtype=bool)
     chosen[res.indices] = True
     assert direct[chosen].min() >= direct[~chosen].max()
@@ -220,7 +222,7 @@ def test_forgetting_keeps_the_most_forgotten_never_learned_first():
     counts, head = mb.forgetting_scores(X, y, seed=1, epochs=8, batch_size=32)
     assert np.isinf(counts).any() and (counts[np.isfinite(counts)] > 0).any()
     n = int(np.isinf(counts).sum()) + 5
-    res = select("forgetting", X, n, seed=1, labels=y, epochs=8, batch_size=32)
+    res = select("forgetting", X, n, seed=1, labels=y, balance=False, epochs=8, batch_size=32)
     chosen = np.zeros(len(y), dtype=bool)
     chosen[res.indices] = True
     assert counts[chosen].min() >= counts[~chosen].max()
@@ -262,7 +264,7 @@ def test_deepfool_distance_equals_a_brute_force_search_on_a_2d_toy():
     dist = mb.deepfool_distances(X, head)
     for i in [0, 5, 17, 33, 64, 101]:
         assert dist[i] == pytest.approx(_brute_force_boundary_distance(head, X[i]), rel=1e-4)
-    res = select("deepfool", X, 10, seed=0, labels=y, epochs=8)
+    res = select("deepfool", X, 10, seed=0, labels=y, balance=False, epochs=8)
     chosen = np.zeros(len(y), dtype=bool)
     chosen[res.indices] = True
     assert dist[chosen].max() <= dist[~chosen].min()
@@ -291,7 +293,7 @@ def test_deepfool_projection_lands_on_the_boundary():
 
 def test_contextual_diversity_is_k_center_under_the_symmetric_kl_distance():
     X, y = _blobs(9, N=80, spread=1.4)
-    res = select("contextual-diversity", X, 12, seed=4, labels=y, epochs=5)
+    res = select("contextual-diversity", X, 12, seed=4, labels=y, balance=False, epochs=5)
     head = mb.fit_proxy_head(X, y, seed=4, epochs=5)
     P = _numpy_probs(head, X)
     L = np.log(P)
@@ -309,7 +311,7 @@ def test_contextual_diversity_is_k_center_under_the_symmetric_kl_distance():
 
 def test_contextual_diversity_covering_radius_does_not_grow_with_n():
     X, y = _blobs(10, N=150, spread=1.2)
-    radii = [select("contextual-diversity", X, n, seed=2, labels=y, epochs=4).diagnostics["covering_radius"]
+    radii = [select("contextual-diversity", X, n, seed=2, labels=y, balance=False, epochs=4).diagnostics["covering_radius"]
              for n in (1, 3, 6, 12, 24, 48)]
     assert all(b <= a + 1e-15 for a, b in zip(radii, radii[1:]))
     assert radii[-1] < radii[0]
@@ -346,7 +348,7 @@ def _retrained_val_log_likelihood(Xs, ys, XV, yV, K=3, steps=300, lam=1e-2):
 @pytest.mark.parametrize("seed", [2, 5])
 def test_glister_beats_uniform_on_validation_log_likelihood_with_noisy_pool_labels(seed):
     X, noisy, clean, XV, yV = _noisy_toy(seed)
-    res = select("glister", X, 30, seed=0, labels=noisy, val_X=XV, val_labels=yV)
+    res = select("glister", X, 30, seed=0, labels=noisy, balance=False, val_X=XV, val_labels=yV)
     d = res.diagnostics
     assert d["validation"] == "given" and d["val_log_likelihood_end"] > d["val_log_likelihood_start"]
     ll_glister = _retrained_val_log_likelihood(X[res.indices], noisy[res.indices], XV, yV)
@@ -359,7 +361,7 @@ def test_glister_beats_uniform_on_validation_log_likelihood_with_noisy_pool_labe
 
 def test_glister_first_pick_maximises_the_taylor_gain_from_autograd():
     X, noisy, _, XV, yV = _noisy_toy(3, N=120, NV=60)
-    res = select("glister", X, 3, seed=1, labels=noisy, val_X=XV, val_labels=yV, epochs=5)
+    res = select("glister", X, 3, seed=1, labels=noisy, balance=False, val_X=XV, val_labels=yV, epochs=5)
     head = mb.fit_proxy_head(X, noisy, seed=1, epochs=5)
     W = torch.tensor(head.W, requires_grad=True)
     b = torch.tensor(head.b, requires_grad=True)
@@ -377,7 +379,7 @@ def test_glister_first_pick_maximises_the_taylor_gain_from_autograd():
 
 def test_glister_defaults_to_the_pool_as_validation_set():
     X, y = _blobs(11, N=100)
-    res = select("glister", X, 10, seed=0, labels=y, epochs=3)
+    res = select("glister", X, 10, seed=0, labels=y, balance=False, epochs=3)
     assert res.diagnostics["validation"] == "pool"
     assert res.diagnostics["eta"] == pytest.approx(res.diagnostics["lr"] / 10)
 

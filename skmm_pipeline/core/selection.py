@@ -274,41 +274,41 @@ def _training(epochs, lr, weight_decay, batch_size) -> dict:
 
 
 @register("entropy", "uncertainty: largest predictive entropy of a proxy head", group="label-using", input="features")
-def _entropy(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+def _entropy(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=True):
     return _MB.select_uncertainty(X, n, labels, kind="entropy", seed=seed, balance=balance,
                                   **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("margin", "uncertainty: smallest top-two probability margin of a proxy head", group="label-using", input="features")
-def _margin(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+def _margin(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=True):
     return _MB.select_uncertainty(X, n, labels, kind="margin", seed=seed, balance=balance,
                                   **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("least-confidence", "uncertainty: smallest top probability of a proxy head", group="label-using", input="features")
 def _least_confidence(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
-                      balance=False):
+                      balance=True):
     return _MB.select_uncertainty(X, n, labels, kind="least-confidence", seed=seed, balance=balance,
                                   **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("grand", "GraNd: largest expected head-gradient norm over seeded proxy trainings", group="label-using", input="features")
 def _grand(X, n, *, seed, labels=None, stats=None, repeats=_REP, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
-           balance=False):
+           balance=True):
     return _MB.select_gradient_norm(X, n, labels, score="grand", seed=seed, repeats=repeats, balance=balance,
                                     **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("el2n", "EL2N: largest expected L2 error of the proxy's probabilities", group="label-using", input="features")
 def _el2n(X, n, *, seed, labels=None, stats=None, repeats=_REP, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
-          balance=False):
+          balance=True):
     return _MB.select_gradient_norm(X, n, labels, score="el2n", seed=seed, repeats=repeats, balance=balance,
                                     **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("forgetting", "forgetting events while training the proxy (never learned first)", group="label-using", input="features")
 def _forgetting(X, n, *, seed, labels=None, stats=None, epochs=_MB.DEFAULT_FORGETTING_EPOCHS, lr=_LR, weight_decay=_WD,
-                batch_size=_BS, balance=False):
+                batch_size=_BS, balance=True):
     return _MB.select_forgetting(X, n, labels, seed=seed, balance=balance,
                                  **_training(epochs, lr, weight_decay, batch_size))
 
@@ -316,21 +316,21 @@ def _forgetting(X, n, *, seed, labels=None, stats=None, epochs=_MB.DEFAULT_FORGE
 @register("glister", "GLISTER-ONLINE: greedy validation log-likelihood (Taylor) with head updates", group="label-using",
           input="features")
 def _glister(X, n, *, seed, labels=None, stats=None, val_X=None, val_labels=None, eta="auto", epochs=_EP, lr=_LR,
-             weight_decay=_WD, batch_size=_BS, balance=False):
+             weight_decay=_WD, batch_size=_BS, balance=True):
     return _MB.select_glister(X, n, labels, seed=seed, val_X=val_X, val_labels=val_labels, eta=eta, balance=balance,
                               **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("deepfool", "DeepFool: smallest exact distance to the proxy head's decision boundary", group="label-using",
           input="features")
-def _deepfool(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=False):
+def _deepfool(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS, balance=True):
     return _MB.select_deepfool(X, n, labels, seed=seed, balance=balance, **_training(epochs, lr, weight_decay, batch_size))
 
 
 @register("contextual-diversity", "k-center greedy under the symmetric-KL contextual-diversity distance",
           group="label-using", input="features")
 def _contextual_diversity(X, n, *, seed, labels=None, stats=None, epochs=_EP, lr=_LR, weight_decay=_WD, batch_size=_BS,
-                          balance=False):
+                          balance=True):
     return _MB.select_contextual_diversity(X, n, labels, seed=seed, balance=balance,
                                            **_training(epochs, lr, weight_decay, batch_size))
 
