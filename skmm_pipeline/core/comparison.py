@@ -66,16 +66,12 @@ TIMING_COLUMNS = ("select_seconds", "fit_seconds")
 
 
 def method_info(name: str) -> dict:
-    """``{"group": "label-free"|"label-using", "input": "any"|"features"}`` for a registered method.
-
-    Taken from ``selection.method_info`` when the registry provides it; otherwise every registered
-    method counts as label-free and runs on any N x d matrix (true of the sketch-based methods).
-    """
+    """``{"group": "label-free"|"label-using", "input": "any"|"features"}`` for a registered method
+    (the registry's ``selection.method_info``, checked against the groups and inputs known here)."""
     if name not in selection.SELECTORS:
         raise InputError(f"unknown selection method {name!r}; available: {sorted(selection.SELECTORS)}")
-    provider = getattr(selection, "method_info", None)
-    info = dict(provider(name)) if provider is not None else {}
-    group, kind = info.get("group", LABEL_FREE), info.get("input", "any")
+    info = selection.method_info(name)
+    group, kind = info["group"], info["input"]
     if group not in GROUPS or kind not in INPUTS:
         raise InputError(f"method {name!r} reports group {group!r} and input {kind!r}; expected {GROUPS} and {INPUTS}")
     return {"group": group, "input": kind}

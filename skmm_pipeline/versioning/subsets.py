@@ -163,20 +163,11 @@ class SubsetManifest:
     def manifest(self, subset_csv: bytes | None = None) -> dict[str, Any]:
         subset_csv = self.subset_csv() if subset_csv is None else subset_csv
         return _jsonable({
-            "format": MANIFEST_FORMAT,
-            "method": self.method,
-            "n": self.n,
-            "budget": self.budget if self.budget is not None else self.n,
-            "seed": self.seed,
-            "pool_size": self.pool_size,
-            "c_S": self.c_S,
+            **self._summary(),
             "metrics": dict(self.metrics),
             "diagnostics": dict(self.diagnostics),
             "sketch_identity": dict(self.sketch_identity),
-            "model_id": self.model_id,
             "shards": dict(self.shards),
-            "dagster_run_id": self.dagster_run_id,
-            "mlflow_run_id": self.mlflow_run_id,
             "subset_file": {
                 "name": SUBSET_FILE,
                 "rows": self.n,
@@ -193,7 +184,11 @@ class SubsetManifest:
 
     def tag_meta(self) -> dict[str, Any]:
         """The small summary stored in the version's tag (what ``versions list`` shows)."""
-        return _jsonable({
+        return _jsonable({**self._summary(), "shards": sorted(self.shards)})
+
+    def _summary(self) -> dict[str, Any]:
+        """What the manifest and the tag both record about the selection and its runs."""
+        return {
             "format": MANIFEST_FORMAT,
             "method": self.method,
             "n": self.n,
@@ -201,11 +196,10 @@ class SubsetManifest:
             "seed": self.seed,
             "pool_size": self.pool_size,
             "c_S": self.c_S,
-            "shards": sorted(self.shards),
             "model_id": self.model_id,
             "dagster_run_id": self.dagster_run_id,
             "mlflow_run_id": self.mlflow_run_id,
-        })
+        }
 
     def params(self) -> dict[str, Any]:
         """Flat MLflow params describing the selection."""
