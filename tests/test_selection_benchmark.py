@@ -242,3 +242,6 @@ def test_selection_benchmark_asset(project, tmp_path):
     assert np.array_equal(sk(identity["seed"]), G) and sk(identity["seed"] + 1).shape == G.shape
     with pytest.raises(InputError, match="does not reproduce its rows"):
         cmp.SeededSketches.from_identity(model, images, identity, G * 1.5, sample_ids=ids, device="cpu")
+    with pytest.raises(InputError, match="not a sketch-engine identity"):
+        cmp.SeededSketches.from_identity(model, images, {"kind": "gaussian", "seed": 0, "sketch_dim": G.shape[1]}, G,
+                                         sample_ids=ids, device="cpu")

@@ -242,21 +242,20 @@ class SeededSketches:
                       device=None, check_rows: int = 256) -> "SeededSketches":
         """Reproduce the settings of a stored sketch (its identity) for other seeds.
 
-        Checks that the rebuilt sketcher, at the stored seed, has the stored identity (engine identities)
-        and reproduces the stored rows of the first ``check_rows`` samples; raises ``InputError`` if not.
+        Checks that the rebuilt sketcher, at the stored seed, has the stored identity and reproduces the stored rows of the first ``check_rows`` samples; raises ``InputError`` if not.
         """
+        from skmm_pipeline.core.sketch_io import canonical_identity
+
         ident = dict(identity)
-        if "engine" in ident:
-            blocks = ident.get("blocks") or []
-            kwargs = dict(
-                sketch_dim=int(ident["sketch_dim"]), kind=ident["kind"], layers=list(ident["param_set"]),
-                label_mode=ident["label_mode"], draws=int(ident.get("draws", 1)),
-                block_scales={b["name"]: float(b["scale"]) for b in blocks} or None,
-                model_id=ident.get("model_id"), precision=ident.get("precision", "float32"), device=device,
-            )
-        else:  # a sketch of the head's Jacobian rows made by ``core.sketch.make_sketch``
-            kwargs = dict(sketch_dim=int(ident["sketch_dim"]), kind=ident.get("kind", "gaussian"), layers="ft1",
-                          label_mode=ident.get("label_mode", "expected"), device=device)
+        if "engine" not in ident:
+            raise InputError(f"not a sketch-engine identity (no 'engine' field): {ident}; re-materialize gradient_sketch")
+        blocks = ident.get("blocks") or []
+        kwargs = dict(
+            sketch_dim=int(ident["sketch_dim"]), kind=ident["kind"], layers=list(ident["param_set"]),
+            label_mode=ident["label_mode"], draws=int(ident.get("draws", 1)),
+            block_scales={b["name"]: float(b["scale"]) for b in blocks} or None,
+            model_id=ident.get("model_id"), precision=ident.get("precision", "float32"), device=device,
+        )
         seed = int(ident["seed"])
         out = cls(model, inputs, labels=labels, sample_ids=sample_ids, stored={seed: stored_rows}, **kwargs)
         k = min(len(inputs), check_rows)
@@ -264,12 +263,9 @@ class SeededSketches:
         lab = None if labels is None or kwargs["label_mode"] != "true" else labels[:k]
         ids = None if sample_ids is None else list(sample_ids[:k])
         rows = probe.sketch(inputs[:k], labels=lab, sample_ids=ids)
-        if "engine" in ident:
-            from skmm_pipeline.core.sketch_io import canonical_identity
-
-            if canonical_identity(probe.identity) != canonical_identity(ident):
-                raise InputError(f"cannot reproduce the stored sketch's settings: rebuilt identity {probe.identity} "
-                                 f"differs from the stored {ident}")
+        if canonical_identity(probe.identity) != canonical_identity(ident):
+            raise InputError(f"cannot reproduce the stored sketch's settings: rebuilt identity {probe.identity} "
+                             f"differs from the stored {ident}")
         ref = np.asarray(stored_rows[:k], dtype=np.float32)
         scale = max(float(np.abs(ref).max()), 1e-12)
         if not np.allclose(rows, ref, rtol=1e-3, atol=1e-4 * scale):

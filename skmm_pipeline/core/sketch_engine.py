@@ -64,7 +64,8 @@ def resolve_device(device=None) -> torch.device:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the weights (same as ``models.small_cnn.state_dict_id``)."""
+    """A content hash of the weights: the model's identity in sketch identities and lineage
+    (``models.backbones.model_id``)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())

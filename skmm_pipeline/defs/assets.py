@@ -33,6 +33,11 @@ def fingerprint_of(sketch_versions: dict[str, str]) -> str:
     return _json_hash(sorted(sketch_versions.items()))
 
 
+def png_markdown(alt: str, png: bytes) -> dg.MetadataValue:
+    """A PNG shown inline in the Dagster UI's metadata (a Markdown image with a data URI)."""
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def _md_table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -339,13 +344,10 @@ def load_labelled_pool(raw_shard: dict, pretrained_model: dict, settings: SkmmSe
 
 def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
     """FT-1: logistic head on pool-standardised frozen features, C chosen on validation."""
-    from skmm_pipeline.core.finetune import Standardizer, linear_probe
-    from skmm_pipeline.models.small_cnn import extract_features
+    from skmm_pipeline.core.comparison import standardized_features
+    from skmm_pipeline.core.finetune import linear_probe
 
-    pool = extract_features(model, images, device=device)
-    std = Standardizer(pool)
-    pool = std(pool)
-    val_X, test_X = (std(extract_features(model, s.images, device=device)) for s in (ev.val, ev.test))
+    pool, (val_X, test_X) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
 
     def run(idx):
         r = linear_probe(pool[idx], labels[idx], val_X, ev.val.labels, test_X, ev.test.labels, seed=settings.seed)
@@ -494,7 +496,7 @@ def finetune_eval(
         record,
         metadata={
             "results": dg.MetadataValue.md(_md_table(rows)),
-            "plot": dg.MetadataValue.md(f"![accuracy](data:image/png;base64,{base64.b64encode(plot).decode()})"),
+            "plot": png_markdown("accuracy", plot),
             **{k: float(v) for k, v in metrics.items()},
             "mlflow_run_id": run.run_id,
             "mlflow_tracking_uri": mlflow.tracking_uri,

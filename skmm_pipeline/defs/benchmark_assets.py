@@ -12,14 +12,13 @@ runs as its own job, ``benchmark``, which ``skmm demo`` / ``make demo`` run afte
 ``--no-benchmark``.
 """
 
-import base64
 import json
 import time
 
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_sketches
+from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_sketches, png_markdown
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 
 
@@ -168,7 +167,7 @@ def selection_benchmark(
         record,
         metadata={
             "results": dg.MetadataValue.md(table),
-            "plot": dg.MetadataValue.md(f"![selection benchmark](data:image/png;base64,{base64.b64encode(plot).decode()})"),
+            "plot": png_markdown("selection benchmark", plot),
             "methods": dg.MetadataValue.json([s.label for s in specs]),
             "seeds": dg.MetadataValue.json(seeds),
             "budgets": dg.MetadataValue.json(list(config.budgets)),

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN, state_dict_id
+from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,9 @@ def load_backbone(path, device="cpu") -> nn.Module:
 
 def model_id(model: nn.Module) -> str:
     """Content hash of the weights (the model's identity in lineage and sketch headers)."""
-    return state_dict_id(model)
+    from skmm_pipeline.core.sketch_engine import model_fingerprint
+
+    return model_fingerprint(model)
 
 
 # ---- parameter sets and the prefix/tail split ------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -99,15 +98,6 @@ def pretrain(
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device="cpu") -> float:
     logits = torch.cat([model(x.to(device)).cpu() for x in torch.as_tensor(images).split(512)])
     return float((logits.argmax(1).numpy() == labels).mean())
-
-
-def state_dict_id(model: nn.Module) -> str:
-    """A content hash of the weights: the model's identity in sketch headers and lineage."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def save_model(model: SmallCNN) -> bytes:
