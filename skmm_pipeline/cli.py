@@ -83,7 +83,21 @@ def _cmd_select(args) -> int:
             out[lo : lo + 4096] = sk.apply(torch.as_tensor(np.asarray(X[lo : lo + 4096], dtype=np.float32))).numpy()
         X = out
         sketch_identity = sk.identity.as_dict()
-    result = select(args.method, X, args.n, seed=args.seed, labels=labels, **options)
+    extra = {}
+    if args.images:
+        from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
+
+        if not args.outlier_guard:
+            raise InputError("--images is used by the input check of --outlier-guard; pass --outlier-guard too")
+        try:
+            images = np.load(args.images, allow_pickle=False, mmap_mode="r")
+        except ValueError as exc:
+            raise InputError(f"cannot read {args.images} as a numeric .npy array: {exc}") from None
+        if images.ndim != 4 or images.shape[0] != input_shape[0]:
+            raise InputError(f"--images must be {input_shape[0]} x C x H x W (one image per input row), "
+                             f"got shape {tuple(images.shape)}")
+        extra["exclude"] = lacks_structure(spatial_structure(images))
+    result = select(args.method, X, args.n, seed=args.seed, labels=labels, **options, **extra)
     out_path = Path(args.output)
     np.save(out_path, result.indices)
     sidecar = out_path.with_suffix(".json")
@@ -94,6 +108,7 @@ def _cmd_select(args) -> int:
         "input": str(args.input),
         "input_shape": input_shape,
         "options": options,
+        "images": None if args.images is None else str(args.images),
         "sketch": sketch_identity,
         **result.diagnostics,
     }
@@ -311,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-balanced", action="store_true", help="split the budget over classes by their sizes")
     s.add_argument("--outlier-guard", action="store_true",
                    help="set aside rows that stick out of the pool (corrupted data) before selecting")
+    s.add_argument("--images", default=None,
+                   help="the N images (.npy, N x C x H x W) the rows come from: with --outlier-guard, images "
+                   "without the pool's spatial structure (noise, salt-and-pepper, blank) are set aside too")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option c_S=0.9 --option rounding=pipage (repeatable)")
     s.add_argument("--output", required=True, help="where to write the indices (.npy); the sidecar is .json")

@@ -45,6 +45,30 @@ def test_select_with_the_outlier_guard_skips_planted_outliers(tmp_path):
     assert diag["outliers_excluded"] >= 6 and diag["options"] == {"outlier_guard": True}
 
 
+def test_select_with_images_sets_aside_noise_images(tmp_path):
+    from skmm_pipeline.data.digits import load_digits_transfer
+
+    rng = np.random.default_rng(1)
+    images = load_digits_transfer().pool.images[:200].copy()
+    images[:8] = rng.uniform(size=images[:8].shape)  # pure noise: no spatial structure
+    X = rng.normal(size=(200, 8))
+    X[:8] = X[8:16] * 1.01  # and nothing odd about them in X, so only the input check can tell
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "idx.npy"
+    args = ("select", "--input", str(tmp_path / "X.npy"), "--n", "60", "--outlier-guard", "--output", str(out))
+    proc = skmm(*args, "--images", str(tmp_path / "images.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert not np.isin(np.load(out), np.arange(8)).any()
+    diag = json.loads(out.with_suffix(".json").read_text())
+    assert diag["rows_excluded"] == 8 and diag["images"] == str(tmp_path / "images.npy")
+    np.save(tmp_path / "short.npy", images[:10])
+    proc = skmm(*args, "--images", str(tmp_path / "short.npy"))
+    assert proc.returncode == 2 and "one image per input row" in proc.stderr
+    proc = skmm(*[a for a in args if a != "--outlier-guard"], "--images", str(tmp_path / "images.npy"))
+    assert proc.returncode == 2 and "pass --outlier-guard" in proc.stderr
+
+
 def test_select_bad_input_gives_one_clear_line(tmp_path):
     X = np.ones((5, 3))
     X[2, 0] = np.inf

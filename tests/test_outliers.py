@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from skmm_pipeline.core.outliers import outlier_guard
+from skmm_pipeline.core.outliers import lacks_structure, outlier_guard, spatial_structure
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.core.validation import InputError
-from skmm_pipeline.data.digits import curation_pool, load_digits_transfer
+from skmm_pipeline.data.digits import CORRUPTIONS, curation_pool, load_digits_transfer
 
 
 def cloud(N=400, m=12, seed=0, outliers=0):
@@ -104,3 +104,86 @@ def test_curation_pool_has_the_requested_pollution():
     assert a.pool.images.dtype == np.float32 and a.pool.images.min() >= 0 and a.pool.images.max() <= 1
     with pytest.raises(ValueError):
         curation_pool(pool, duplicate_frac=0.7, corrupt_frac=0.4)
+
+
+def _structure_oracle(img: np.ndarray) -> float:
+    """Obviously-correct version: every channel centred, pixel pairs listed one by one."""
+    C, H, W = img.shape
+    vals = []
+    for pairs in ([((c, i, j), (c, i, j + 1)) for c in range(C) for i in range(H) for j in range(W - 1)],
+                  [((c, i, j), (c, i + 1, j)) for c in range(C) for i in range(H - 1) for j in range(W)]):
+        a = np.array([img[p] for p, _ in pairs], dtype=np.float64)
+        b = np.array([img[q] for _, q in pairs], dtype=np.float64)
+        ch = np.array([p[0] for p, _ in pairs])
+        a_c = a - np.array([a[ch == k].mean() for k in range(C)])[ch]
+        b_c = b - np.array([b[ch == k].mean() for k in range(C)])[ch]
+        den = np.sqrt((a_c ** 2).sum() * (b_c ** 2).sum())
+        vals.append(0.0 if den == 0 else float((a_c * b_c).sum() / den))
+    return float(np.mean(vals))
+
+
+def test_spatial_structure_equals_a_pairwise_oracle_and_is_chunk_invariant(tmp_path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:9, 0:7]
+    smooth = np.stack([np.sin(yy / 3 + k) + np.cos(xx / 2 - k) for k in range(3)])
+    images = np.stack([smooth, rng.uniform(size=(3, 9, 7)), smooth + 0.3 * rng.normal(size=(3, 9, 7)),
+                       np.zeros((3, 9, 7)), smooth * [[[1.0]], [[5.0]], [[0.0]]]]).astype(np.float32)
+    scores = spatial_structure(images)
+    np.testing.assert_allclose(scores, [_structure_oracle(im) for im in images], atol=1e-12)
+    assert scores[0] > 0.8 and abs(scores[1]) < 0.3 and scores[3] == 0.0  # smooth, noise, constant
+    np.testing.assert_array_equal(spatial_structure(images, chunk_elems=1), scores)
+    np.save(tmp_path / "im.npy", images)
+    np.testing.assert_array_equal(spatial_structure(np.load(tmp_path / "im.npy", mmap_mode="r"), chunk_elems=200), scores)
+    with pytest.raises(InputError, match="N x C x H x W"):
+        spatial_structure(images[0])
+    with pytest.raises(InputError, match="no neighbouring"):
+        spatial_structure(np.ones((2, 1, 1, 1)))
+    bad = images.copy()
+    bad[2, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        spatial_structure(bad)
+
+
+def test_input_check_flags_the_unstructured_corruptions_and_no_clean_digit():
+    data = load_digits_transfer()
+    cur = curation_pool(data.pool, seed=0)
+    flagged = lacks_structure(spatial_structure(cur.pool.images))
+    assert not flagged[cur.kind < 2].any()  # no clean digit and no near-duplicate
+    assert flagged[cur.corruption == CORRUPTIONS.index("noise")].all()
+    assert flagged[cur.corruption == CORRUPTIONS.index("salt-pepper")].mean() > 0.5
+    # One-sided: over-smooth images (blank stripes) are left to the sketch guard.
+    assert not flagged[cur.corruption == CORRUPTIONS.index("blank-stripe")].any()
+    assert not lacks_structure(spatial_structure(data.pool.images)).any()
+    assert not lacks_structure(np.full(10, 0.4)).any()  # no spread: nothing stands out
+    for bad in (0, -1.0, True, "4"):
+        with pytest.raises(InputError):
+            lacks_structure(np.ones(5), bad)
+    with pytest.raises(InputError):
+        lacks_structure(np.array([0.1, np.nan]))
+
+
+def test_excluded_rows_are_never_selected_and_the_rest_is_the_pool():
+    X = cloud(200, 6, seed=2)
+    exclude = np.zeros(200, dtype=bool)
+    exclude[::7] = True
+    for method in ("skmm", "k-center", "skmm-relaxation", "uniform"):
+        sel = select(method, X, 25, seed=1, exclude=exclude)
+        assert not exclude[sel.indices].any() and np.unique(sel.indices).size == 25
+        assert sel.diagnostics["rows_excluded"] == exclude.sum()
+        # The same as selecting on the remaining rows, mapped back to the pool's indices.
+        rest = np.flatnonzero(~exclude)
+        np.testing.assert_array_equal(sel.indices, rest[select(method, X[rest], 25, seed=1).indices])
+        if sel.weights is not None:
+            assert sel.weights.shape == (200,) and sel.weights[exclude].sum() == 0
+    none = select("skmm", X, 25, seed=1, exclude=np.zeros(200, dtype=bool))
+    np.testing.assert_array_equal(none.indices, select("skmm", X, 25, seed=1).indices)
+    assert none.diagnostics["rows_excluded"] == 0
+    labels = np.arange(200) % 2
+    bal = select("skmm", X, 20, seed=0, labels=labels, class_balanced=True, outlier_guard=True, exclude=exclude)
+    assert not exclude[bal.indices].any() and sum(bal.diagnostics["class_budgets"].values()) == 20
+    with pytest.raises(InputError, match="booleans"):
+        select("skmm", X, 10, exclude=np.flatnonzero(exclude))
+    with pytest.raises(InputError, match="booleans"):
+        select("skmm", X, 10, exclude=exclude[:-1])
+    with pytest.raises(InputError, match="rows left after excluding"):
+        select("skmm", X, 190, exclude=exclude)

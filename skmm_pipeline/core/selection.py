@@ -457,13 +457,40 @@ def _select_balanced(method: str, X: np.ndarray, n: int, seed: int, labels: np.n
     return idx, {"class_balanced": True, "class_budgets": {str(c): b for c, b in budgets.items()}, "per_class": per_class}
 
 
+def _select_excluding(method: str, X: np.ndarray, n: int, seed: int, labels, exclude, options: dict) -> Selection:
+    N = X.shape[0]
+    mask = np.asarray(exclude)
+    if mask.shape != (N,) or mask.dtype != bool:
+        raise InputError(f"exclude must be {N} booleans (one per row of X), got dtype {mask.dtype} and shape {mask.shape}")
+    allowed = np.flatnonzero(~mask)
+    if allowed.size < n:
+        raise InputError(f"budget n={n} is larger than the {allowed.size} rows left after excluding {N - allowed.size} of {N}")
+    if allowed.size == N:
+        res = select(method, X, n, seed=seed, labels=labels, **options)
+        res.diagnostics["rows_excluded"] = 0
+        return res
+    sub = select(method, X[allowed], n, seed=seed, labels=None if labels is None else labels[allowed], **options)
+    idx = allowed[sub.indices]
+    weights = None
+    if sub.weights is not None:
+        weights = np.zeros(N)
+        weights[allowed] = sub.weights
+    stats = moment_stats(X)
+    diag = {**sub.diagnostics, "rows_excluded": int(N - allowed.size),
+            "moment_ratio": moment_matching.moment_ratio(X, idx, stats=stats) if stats.lam[0] > 0 else float("nan"),
+            "zero_rows": stats.zero_rows, "duplicate_rows": duplicate_rows(X)}
+    return Selection(method=method, indices=idx, diagnostics=diag, weights=weights)
+
+
 def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> Selection:
     """Select ``n`` of the ``N`` rows of ``X`` with the registered ``method``.
 
-    Options common to every method: ``class_balanced`` (bool), ``class_budgets`` (dict) and
+    Options common to every method: ``class_balanced`` (bool), ``class_budgets`` (dict),
     ``outlier_guard`` (bool, or a dict of :func:`core.outliers.outlier_guard` options: rows it flags
-    cannot be selected; ``outliers_excluded`` reports how many); the rest are the method's own (see
-    :func:`method_options`).
+    cannot be selected; ``outliers_excluded`` reports how many) and ``exclude`` (N booleans, e.g. from
+    :func:`core.outliers.lacks_structure`: those rows are removed before anything else, so class
+    budgets and the guard see the rest as the pool; ``rows_excluded`` reports how many); the rest are
+    the method's own (see :func:`method_options`).
     """
     if method not in SELECTORS:
         raise InputError(f"unknown selection method {method!r}; available: {sorted(SELECTORS)}")
@@ -477,6 +504,9 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
         labels = np.asarray(labels)
         if labels.shape != (N,):
             raise InputError(f"labels must have shape ({N},), got {labels.shape}")
+    exclude = options.pop("exclude", None)
+    if exclude is not None:
+        return _select_excluding(method, X, n, seed, labels, exclude, options)
     balanced = bool(options.pop("class_balanced", False))
     given_budgets = options.pop("class_budgets", None)
     if given_budgets is not None:
