@@ -5,11 +5,14 @@ noise, 20% of the result) and corrupted images (uniform noise, inverted, salt-an
 half-blanked digits with random labels, 5%): see ``data.digits.curation_pool``. A seed fixes the
 pollution, the sketch and every selection; the pretrained CNN is fixed (seed 0). Every label-free
 method selects on the same m = 128 sketch of the label-free head gradients; ``skmm+guard`` is the
-default SkMM with ``outlier_guard=True``; ``(cb)`` marks the label-using, class-balanced variants
-(per-class budgets; the guard then runs inside each class). For each method and budget the script prints the share of
-corrupted and of near-duplicate images among the picks (against their base rates) and the FT-1 test
-accuracy of a head trained on the picks (C chosen on the clean validation split). The clean pool's
-rows are also run through the guard, to show what it costs when there is nothing to guard against.
+default SkMM with the outlier guard as the pipeline runs it (``settings.outlier_guard``: images that
+lack the pool's spatial structure are excluded, then rows that stick out of the sketch),
+``skmm+sketch-guard`` the sketch part alone (``structure_threshold=0``); ``(cb)`` marks the
+label-using, class-balanced variants (per-class budgets; the sketch guard then runs inside each
+class). For each method and budget the script prints the share of corrupted and of near-duplicate
+images among the picks (against their base rates) and the FT-1 test accuracy of a head trained on
+the picks (C chosen on the clean validation split). The clean pool's rows are also run through the
+guard, to show what it costs when there is nothing to guard against.
 
     python benchmarks/digits_curation.py [--seeds 10] [--budgets 20,40,80,160]
 
@@ -26,14 +29,15 @@ import pandas as pd
 import torch
 
 from skmm_pipeline.core.finetune import Standardizer, linear_probe
-from skmm_pipeline.core.outliers import outlier_guard
+from skmm_pipeline.core.outliers import lacks_structure, outlier_guard, spatial_structure
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.core.sketch_engine import GradientSketcher
-from skmm_pipeline.data.digits import curation_pool, load_digits_transfer
+from skmm_pipeline.data.digits import CORRUPTIONS, curation_pool, load_digits_transfer
 from skmm_pipeline.models.small_cnn import extract_features, pretrain
 
 METHODS = {
     "skmm": ("skmm", {}),
+    "skmm+sketch-guard": ("skmm", {"outlier_guard": True, "structure": False}),
     "skmm+guard": ("skmm", {"outlier_guard": True}),
     "uniform": ("uniform", {}),
     "leverage": ("leverage", {}),
@@ -71,14 +75,28 @@ def main() -> None:
         feats = extract_features(model, pool.images)
         std = Standardizer(feats)
         pool_f, val_f, test_f = std(feats), std(val_raw), std(test_raw)
-        keep = outlier_guard(G).keep
-        guard_rows.append({"seed": seed, "corrupted_flagged": (~keep)[cur.corrupted].mean(),
-                           "clean_flagged": (~keep)[cur.kind == 0].mean(), "duplicates_flagged": (~keep)[cur.kind == 1].mean()})
+        unstructured = lacks_structure(spatial_structure(pool.images))
+        sketch_out = ~outlier_guard(G).keep
+        rest = np.flatnonzero(~unstructured)
+        flagged = unstructured.copy()
+        flagged[rest] |= ~outlier_guard(G[rest]).keep  # the pipeline's order: input check, then the sketch
+        row = {"seed": seed, "clean_flagged": flagged[cur.kind == 0].mean(), "duplicates_flagged": flagged[cur.kind == 1].mean(),
+               "corrupted_flagged": flagged[cur.corrupted].mean(), "corrupted_sketch_only": sketch_out[cur.corrupted].mean(),
+               "clean_input_check": unstructured[cur.kind == 0].mean()}
+        for c, what in enumerate(CORRUPTIONS):
+            row[f"input:{what}"] = unstructured[cur.corruption == c].mean()
+            row[f"both:{what}"] = flagged[cur.corruption == c].mean()
         clean_G = GradientSketcher(model, args.sketch_dim, seed=seed).sketch(data.pool.images)
-        guard_rows[-1]["clean_pool_flagged"] = outlier_guard(clean_G).excluded / len(clean_G)
+        clean_flag = lacks_structure(spatial_structure(data.pool.images))
+        clean_rest = np.flatnonzero(~clean_flag)
+        row["clean_pool_flagged"] = (clean_flag.sum() + outlier_guard(clean_G[clean_rest]).excluded) / len(clean_G)
+        guard_rows.append(row)
         for n in budgets:
             for name, (method, opts) in METHODS.items():
+                opts = dict(opts)
                 labels = pool.labels if opts.get("class_balanced") else None
+                if opts.pop("structure", True) and opts.get("outlier_guard"):
+                    opts["exclude"] = unstructured
                 idx = select(method, G, n, seed=seed, labels=labels, **opts).indices
                 res = linear_probe(pool_f[idx], pool.labels[idx], val_f, data.val.labels, test_f, data.test.labels, seed=seed)
                 rows.append({"seed": seed, "n": n, "method": name, "corrupted": 100 * cur.corrupted[idx].mean(),
@@ -101,15 +119,18 @@ def main() -> None:
     print("\nFT-1 test accuracy (%):\n")
     print(table("acc").T.to_string())
     g = pd.DataFrame(guard_rows).mean()
-    print(f"\nguard: flags {100 * g['corrupted_flagged']:.0f}% of the corrupted images, {100 * g['clean_flagged']:.1f}% of the "
-          f"clean ones, {100 * g['duplicates_flagged']:.1f}% of the near-duplicates; on the unpolluted pool it flags "
-          f"{100 * g['clean_pool_flagged']:.1f}%")
+    print(f"\nguard (input check + sketch): flags {100 * g['corrupted_flagged']:.0f}% of the corrupted images "
+          f"(sketch part alone: {100 * g['corrupted_sketch_only']:.0f}%), {100 * g['clean_flagged']:.1f}% of the clean ones "
+          f"({100 * g['clean_input_check']:.1f}% by the input check), {100 * g['duplicates_flagged']:.1f}% of the "
+          f"near-duplicates; on the unpolluted pool it flags {100 * g['clean_pool_flagged']:.1f}%")
+    print("  by corruption, input check / both: " + ", ".join(
+        f"{w} {100 * g[f'input:{w}']:.0f}% / {100 * g[f'both:{w}']:.0f}%" for w in CORRUPTIONS))
     mean_bad = df.groupby(["method", "n"])["corrupted"].mean()
     print(f"\nseconds: {time.perf_counter() - t0:.0f}")
     print(f"base_rate_corrupted_pct: {base_bad:.1f}")
     for name in METHODS:
         print(f"max_corrupted_pct[{name}]: {mean_bad[name].max():.1f}")
-    for name in ("skmm+guard", "skmm (cb)+guard"):
+    for name in ("skmm+sketch-guard", "skmm+guard", "skmm (cb)+guard"):
         print(f"within_base_rate[{name}]: {bool((mean_bad[name] <= base_bad).all())}")
 
 

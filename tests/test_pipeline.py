@@ -233,3 +233,44 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
                           block_scales=scales, model_id=ident["model_id"], device="cpu")
     assert np.array_equal(sk.sketch(data.images, sample_ids=data.ids), np.asarray(shard.rows))
     assert len(eval_splits(ws).val.images) >= 64
+
+
+def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project):
+    """settings.outlier_guard on a pool with planted pure-noise images: the input check, computed by
+    raw_shard and cached by content hash, keeps every one of them out of the selection."""
+    from skmm_pipeline.data.digits import load_digits_transfer
+
+    project, _ = versioned_project
+    settings = SkmmSettings(budget=40, pretrain_epochs=2, uniform_repeats=1, sketch_dim=32, outlier_guard=True)
+    defs = build_definitions(project, settings=settings)
+    ws = defs.resources["workspace"]
+    pool = load_digits_transfer().pool
+    rng = np.random.default_rng(0)
+    images = pool.images[:300].copy()
+    noisy = np.arange(0, 300, 20)  # 15 images in each shard's range replaced by uniform noise
+    images[noisy] = rng.uniform(size=images[noisy].shape)
+    write_shard(ws.landing / "part-a.npz", images[:150], pool.labels[:150])
+    write_shard(ws.landing / "part-b.npz", images[150:], pool.labels[150:300])
+    planted = {f"part-a/{i}" for i in noisy if i < 150} | {f"part-b/{i - 150}" for i in noisy if i >= 150}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, ["part-a", "part-b"])
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        for name in ("part-a", "part-b"):
+            run = defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=name)
+            assert run.success
+            assert run.output_for_node("raw_shard")["rows"] == 150
+        cache = sorted((project / ".skmm" / "artifacts" / "input_structure").glob("*.npy"))
+        assert len(cache) == 2
+        result = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
+        assert result.success
+        sel = result.output_for_node("skmm_selection")
+        assert not planted & set(sel["sample_ids"]) and len(sel["sample_ids"]) == 40
+        assert sel["diagnostics"]["rows_excluded"] == len(planted)
+        meta = instance.get_latest_materialization_event(dg.AssetKey("skmm_selection")).asset_materialization.metadata
+        assert meta["unstructured_excluded"].value == len(planted)
+        assert set(meta["unstructured_examples"].value) == planted
+        # An unreadable cache entry is recomputed, to the same selection.
+        cache[0].write_bytes(b"not a npy file")
+        again = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
+        assert again.success and again.output_for_node("skmm_selection")["sample_ids"] == sel["sample_ids"]
+        np.load(cache[0])

@@ -47,20 +47,50 @@ def _md_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarray | None = None) -> np.ndarray:
+    """Per-image spatial-structure scores (core.outliers.spatial_structure) of shard ``name`` with content
+    hash ``sha``, cached under the workspace by that hash; computed from ``images`` or the shard file."""
+    from skmm_pipeline.core.outliers import spatial_structure
+    from skmm_pipeline.data.shards import atomic_write_bytes, file_sha256, read_shard
+
+    path = workspace.artifacts / "input_structure" / f"{sha}.npy"
+    if path.is_file():
+        try:
+            scores = np.load(path, allow_pickle=False)
+            if scores.ndim == 1 and scores.dtype == np.float64:
+                return scores
+        except (OSError, ValueError, EOFError):
+            pass  # an unreadable cache entry is recomputed
+    if images is None:
+        shard_path = workspace.shard_path(name)
+        if not shard_path.is_file() or file_sha256(shard_path) != sha:
+            raise ValueError(f"shard {name!r} has changed or is gone since it was sketched (content hash {sha[:12]}); "
+                             "re-materialize raw_shard and gradient_sketch for it")
+        images = read_shard(shard_path).images
+    scores = spatial_structure(images)
+    buf = io.BytesIO()
+    np.save(buf, scores)
+    atomic_write_bytes(path, buf.getvalue())
+    return scores
+
+
 @dg.asset(
     partitions_def=shard_partitions,
     group_name="skmm",
-    code_version="1",
+    code_version="2",
     kinds={"numpy"},
-    description="One delivered shard of the pool, validated; its content hash is the data version.",
+    description="One delivered shard of the pool, validated; its content hash is the data version. Also scores "
+    "each image's spatial structure (neighbouring-pixel correlation) for the outlier guard's input check.",
 )
 def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Output[dict]:
+    from skmm_pipeline.core.outliers import lacks_structure
     from skmm_pipeline.data.shards import file_sha256, read_shard
 
     name = context.partition_key
     path = workspace.shard_path(name)
     shard = read_shard(path)
     sha = file_sha256(path)
+    scores = structure_scores(workspace, name, sha, shard.images)
     record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images))}
     meta = {
         "rows": record["rows"],
@@ -68,6 +98,10 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Out
         "labelled": shard.labels is not None,
         "path": dg.MetadataValue.path(str(path)),
         "sha256": sha,
+        "structure_median": float(np.median(scores)),
+        "structure_min": float(scores.min()),
+        # Relative to this shard only; the selection applies the check relative to the whole pool.
+        "lacking_structure": int(lacks_structure(scores).sum()),
     }
     return dg.Output(record, data_version=dg.DataVersion(sha), metadata=meta)
 
@@ -213,18 +247,36 @@ def load_sketches(records: dict[str, dict]) -> tuple[np.ndarray, list[str], dict
                          "current settings") from None
 
 
+def unstructured_rows(workspace: Workspace, gradient_sketch: dict, rows: int, threshold: float) -> np.ndarray:
+    """The input check of the outlier guard over the whole pool, in load_sketches' row order."""
+    from skmm_pipeline.core.outliers import lacks_structure
+
+    scores = np.concatenate([structure_scores(workspace, name, gradient_sketch[name]["shard_sha256"])
+                             for name in sorted(gradient_sketch)])
+    if scores.shape != (rows,):
+        raise ValueError(f"structure scores cover {scores.size} images but the sketches have {rows} rows; "
+                         "re-materialize raw_shard and gradient_sketch for all shards")
+    return lacks_structure(scores, threshold)
+
+
 @dg.asset(
     group_name="skmm",
-    code_version="1",
+    code_version="2",
     kinds={"numpy"},
     description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch.",
 )
-def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, settings: SkmmSettings) -> dg.Output[dict]:
+def skmm_selection(
+    context: dg.AssetExecutionContext, gradient_sketch: dict, settings: SkmmSettings, workspace: Workspace
+) -> dg.Output[dict]:
     from skmm_pipeline.core.selection import select
 
     G, ids, identity = load_sketches(gradient_sketch)
-    result = select(settings.method, G, settings.budget, seed=settings.seed,
-                    **({"outlier_guard": True} if settings.outlier_guard else {}))
+    guard = {}
+    if settings.outlier_guard:
+        guard["outlier_guard"] = True
+        if settings.structure_threshold != 0:  # a negative one is refused by lacks_structure
+            guard["exclude"] = unstructured_rows(workspace, gradient_sketch, len(ids), settings.structure_threshold)
+    result = select(settings.method, G, settings.budget, seed=settings.seed, **guard)
     chosen = [ids[i] for i in result.indices]
     shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
     fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
@@ -252,6 +304,9 @@ def skmm_selection(context: dg.AssetExecutionContext, gradient_sketch: dict, set
             "moment_ratio": float(result.diagnostics["moment_ratio"]),
             "select_seconds": float(result.diagnostics["select_seconds"]),
             "outliers_excluded": int(result.diagnostics.get("outliers_excluded", 0)),
+            "unstructured_excluded": int(result.diagnostics.get("rows_excluded", 0)),
+            "unstructured_examples": dg.MetadataValue.json(
+                [ids[i] for i in np.flatnonzero(guard["exclude"])[:20]] if "exclude" in guard else []),
             "picked_per_shard": dg.MetadataValue.json(per_shard),
             "sketch_fingerprint": fingerprint,
             "first_ids": dg.MetadataValue.json(chosen[:20]),

@@ -49,8 +49,11 @@ class SkmmSettings(dg.ConfigurableResource):
     pretrain_epochs: int = 40
     uniform_repeats: int = 5
     min_moment_ratio: float = 0.1
-    # Set aside samples that stick out of the pool in the sketch (core.outliers) before selecting.
+    # Set aside samples that stick out of the pool in the sketch (core.outliers) before selecting, and
+    # images whose spatial-structure score lies more than structure_threshold robust standard
+    # deviations below the pool's median (noise, salt-and-pepper, blank frames; 0 turns that check off).
     outlier_guard: bool = False
+    structure_threshold: float = 4.0
     # The model: "small_cnn" (the embedded scenario, pretrained on digits 0-4), or a torchvision
     # backbone ("resnet18", "resnet50", "vit_b_16") with weights from a local file or "hub" (the torch
     # hub cache; never downloaded) or "" (random init, for smoke tests only).
