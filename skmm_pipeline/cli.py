@@ -290,6 +290,24 @@ def _cmd_shards_add(args) -> int:
     return 0
 
 
+def _cmd_shards_import(args) -> int:
+    from skmm_pipeline.data.ingest import ImportRequest, import_dataset
+    from skmm_pipeline.defs.resources import Workspace
+
+    ws = Workspace(root=str(Path(args.root).resolve()))
+    req = ImportRequest(source=args.source, path=args.path, role=args.role, split=args.split, name=args.name or "",
+                        shards=args.shards, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        seed=args.seed, on_corrupt=args.on_corrupt, overwrite_eval=args.overwrite_eval,
+                        path_column=args.path_column, target_column=args.target_column)
+    res = import_dataset(req, ws.landing, ws.evaluation, backbone=args.backbone, image_size=args.image_size)
+    for name, rows in res.rows.items():
+        where = ws.landing if name in res.shards else ws.evaluation
+        print(f"wrote {where / (name + '.npz')} ({rows} images)")
+    print(f"{res.task}; {res.skipped} unreadable images skipped. The running `shard_sensor` (dagster dev) registers "
+          "and sketches new shards; or run the `import_data` job from the UI, which registers them itself.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skmm", description="Sketchy Moment Matching data selection.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -334,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="where to write the indices (.npy); the sidecar is .json")
     s.set_defaults(func=_cmd_select)
 
-    sh = sub.add_parser("shards", help="shards of the embedded demo's landing folder")
+    sh = sub.add_parser("shards", help="land shards: a demo delivery, or a local dataset")
     shsub = sh.add_subparsers(dest="shards_command", required=True)
     sa = shsub.add_parser("add", help="land a new delivery of digits for the demo")
     sa.add_argument("--root", default=".", help="project root; default: current directory")
@@ -342,6 +360,26 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--count", type=int, default=100)
     sa.add_argument("--seed", type=int, default=0)
     sa.set_defaults(func=_cmd_shards_add)
+    si = shsub.add_parser("import", help="import a local dataset (CIFAR-10, ImageFolder, CSV) as pool shards "
+                          "and/or evaluation splits (the import_data job, from the command line)")
+    si.add_argument("--root", default=".", help="project root; default: current directory")
+    si.add_argument("--source", required=True, choices=["cifar10", "imagefolder", "csv"])
+    si.add_argument("--path", required=True, help="the CIFAR-10 folder (or its parent), ImageFolder root, or CSV file")
+    si.add_argument("--role", default="pool", choices=["pool", "val", "test"])
+    si.add_argument("--split", default="train", choices=["train", "test"], help="cifar10 only")
+    si.add_argument("--name", default=None, help="shard name prefix (default: from the path)")
+    si.add_argument("--shards", type=int, default=1)
+    si.add_argument("--val-fraction", type=float, default=0.0, help="role pool: hold out this share as val.npz")
+    si.add_argument("--test-fraction", type=float, default=0.0, help="role pool: hold out this share as test.npz")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--on-corrupt", default="skip", choices=["skip", "raise"])
+    si.add_argument("--overwrite-eval", action="store_true", help="replace an existing val.npz / test.npz")
+    si.add_argument("--backbone", default="small_cnn",
+                    help="transform images for this backbone (as settings.backbone; default small_cnn)")
+    si.add_argument("--image-size", type=int, default=224, help="input size for torchvision backbones")
+    si.add_argument("--path-column", default="path", help="csv only")
+    si.add_argument("--target-column", default="target", help="csv only")
+    si.set_defaults(func=_cmd_shards_import)
 
     _add_versions_parser(sub)
     return p
@@ -354,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line for the user; the traceback is noise for input errors
         from skmm_pipeline.core.validation import InputError
         from skmm_pipeline.data.shards import ShardError
+        from skmm_pipeline.data.vision import DataError
         from skmm_pipeline.demo import SetupError
 
-        known = (InputError, ShardError, SetupError, FileNotFoundError)
+        known = (InputError, ShardError, DataError, SetupError, FileNotFoundError)
         try:
             from skmm_pipeline.versioning.dvc_store import SubsetVersionError
 

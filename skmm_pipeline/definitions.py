@@ -10,13 +10,15 @@ import dagster as dg
 from skmm_pipeline.defs.assets import ALL_ASSETS, shard_partitions
 from skmm_pipeline.defs.benchmark_assets import BENCHMARK_ASSETS
 from skmm_pipeline.defs.checks import ALL_CHECKS
+from skmm_pipeline.defs.ingest import import_data
 from skmm_pipeline.defs.resources import SkmmSettings, default_resources
 from skmm_pipeline.defs.sensors import reselect_schedule, shard_sensor
 
-# The units of work a user runs: pretrain (rarely), sketch one shard (per delivery), re-select over
-# everything (after new shards, or on a schedule), and compare every selection method (benchmark:
-# minutes, so kept out of reselect).
+# The units of work a user runs: import a dataset (once per delivery, by run config), pretrain
+# (rarely), sketch one shard (per delivery), re-select over everything (after new shards, or on a
+# schedule), and compare every selection method (benchmark: minutes, so kept out of reselect).
 JOBS = [
+    import_data,
     dg.define_asset_job("pretrain", selection=["pretrained_model"]),
     dg.define_asset_job("sketch_shard", selection=["raw_shard", "gradient_sketch"], partitions_def=shard_partitions),
     dg.define_asset_job("reselect", selection=["skmm_selection", "subset_version", "finetune_eval"]),

@@ -1,0 +1,143 @@
+"""Import a local dataset into a workspace: pool shards into the landing folder, validation/test
+splits into the evaluation folder. One function behind the ``import_data`` Dagster job and
+``skmm shards import``, so switching from the demo to your data is configuration, not code.
+
+Sources (read from local paths only): ``cifar10`` (the ``cifar-10-batches-py`` folder or its parent;
+``split`` train/test), ``imagefolder`` (``root/<class>/**/<image>``) and ``csv`` (image path + numeric
+target, regression). Images are transformed for the configured backbone
+(:func:`skmm_pipeline.models.backbones.default_transform`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skmm_pipeline.data.shards import ShardError, check_shard_name
+from skmm_pipeline.data.vision import DataError
+
+SOURCES = ("cifar10", "imagefolder", "csv")
+ROLES = ("pool", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    source: str
+    path: str
+    role: str = "pool"
+    split: str = "train"  # cifar10 only
+    name: str = ""  # shard name prefix (pool); default: derived from the path
+    shards: int = 1
+    val_fraction: float = 0.0  # role "pool": also hold out this share as the validation split
+    test_fraction: float = 0.0  # role "pool": also hold out this share as the test split
+    seed: int = 0
+    on_corrupt: str = "skip"
+    overwrite_eval: bool = False  # replace an existing val.npz / test.npz
+    path_column: str = "path"  # csv only
+    target_column: str = "target"  # csv only
+
+    def checked(self) -> "ImportRequest":
+        if self.source not in SOURCES:
+            raise DataError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.role not in ROLES:
+            raise DataError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not self.path:
+            raise DataError("path is required: the dataset's folder (cifar10, imagefolder) or CSV file (csv)")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise DataError(f"shards must be a positive integer, got {self.shards!r}")
+        for what in ("val_fraction", "test_fraction"):
+            v = getattr(self, what)
+            if not (0 <= v < 1):
+                raise DataError(f"{what} must be in [0, 1), got {v!r}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise DataError("val_fraction + test_fraction must leave some rows for the pool")
+        if self.role != "pool" and (self.val_fraction or self.test_fraction):
+            raise DataError(f"val_fraction/test_fraction only apply to role 'pool', not {self.role!r}")
+        if self.name:
+            check_shard_name(f"{self.name}-000")
+        return self
+
+    def prefix(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.path).resolve()
+        stem = stem.stem if self.source == "csv" else stem.name
+        if stem == "cifar-10-batches-py":
+            stem = "cifar10"
+        cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem).strip("-_") or self.source
+        return check_shard_name(f"{cleaned}-{self.split}" if self.source == "cifar10" else cleaned)
+
+
+@dataclass
+class ImportResult:
+    shards: list[str] = field(default_factory=list)  # written pool shard names
+    rows: dict[str, int] = field(default_factory=dict)  # file stem -> rows written
+    skipped: int = 0  # unreadable images left out
+    eval_files: list[str] = field(default_factory=list)
+    task: str = ""
+
+
+def open_source(req: ImportRequest, backbone: str, image_size: int):
+    from skmm_pipeline.data.vision import CIFAR10, ImageCSV, ImageFolder
+    from skmm_pipeline.models.backbones import default_transform
+
+    tf = default_transform(backbone, image_size if backbone != "small_cnn" else None)
+    if req.source == "cifar10":
+        return CIFAR10(req.path, split=req.split, transform=tf)
+    if req.source == "imagefolder":
+        return ImageFolder(req.path, transform=tf)
+    return ImageCSV(req.path, transform=tf, path_column=req.path_column, target_column=req.target_column)
+
+
+def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "small_cnn",
+                   image_size: int = 224) -> ImportResult:
+    """Write ``req``'s dataset into ``landing_dir`` (pool shards ``<prefix>-000.npz`` ...) and/or
+    ``eval_dir`` (``val.npz``, ``test.npz``). Everything is checked before the first file is written:
+    existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``."""
+    from skmm_pipeline.data.vision import split_indices, write_shards, write_split
+
+    req = req.checked()
+    landing_dir, eval_dir = Path(landing_dir), Path(eval_dir)
+    if landing_dir.resolve() == eval_dir.resolve():
+        raise DataError("the evaluation folder must differ from the landing folder (the sensor takes every .npz there)")
+    source = open_source(req, backbone, image_size)
+    labels = source.targets if source.task == "classification" else None
+    n = len(source)
+    targets: dict[str, object] = {}  # eval role -> row indices
+    pool_idx = None
+    if req.role == "pool":
+        fr = [1 - req.val_fraction - req.test_fraction, req.val_fraction, req.test_fraction]
+        pool_idx, val_idx, test_idx = split_indices(n, fr, seed=req.seed, labels=labels)
+        for role, idx in (("val", val_idx), ("test", test_idx)):
+            if idx.size:
+                targets[role] = idx
+            elif role == "val" and req.val_fraction:
+                raise DataError(f"val_fraction {req.val_fraction} of {n} rows leaves no validation row")
+        if req.shards > pool_idx.size:
+            raise DataError(f"{req.shards} shards for {pool_idx.size} pool rows: use fewer shards")
+        prefix = req.prefix()
+        existing = [p.name for k in range(req.shards) if (p := landing_dir / f"{prefix}-{k:03d}.npz").exists()]
+        if existing:
+            raise ShardError(f"shard file(s) already exist in {landing_dir}, shards are immutable deliveries: "
+                             f"{existing[:3]}; choose another name")
+    else:
+        targets[req.role] = None  # the whole source
+    for role in targets:
+        out = eval_dir / f"{role}.npz"
+        if out.exists() and not req.overwrite_eval:
+            raise DataError(f"{out} already exists; set overwrite_eval to replace it")
+    result = ImportResult(task=source.task)
+    if pool_idx is not None:
+        written = write_shards(source, landing_dir, req.prefix(), n_shards=req.shards, indices=pool_idx,
+                               on_corrupt=req.on_corrupt)
+        for w in written:
+            result.skipped += len(w.skipped)
+            if w.rows:
+                result.shards.append(w.name)
+                result.rows[w.name] = w.rows
+    for role, idx in targets.items():
+        w = write_split(source, eval_dir / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
+        result.skipped += len(w.skipped)
+        result.rows[role] = w.rows
+        result.eval_files.append(str(w.path))
+    return result

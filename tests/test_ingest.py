@@ -1,0 +1,118 @@
+"""Importing a local dataset by run configuration: the ``import_data`` job and ``skmm shards import``."""
+
+import hashlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from PIL import Image
+
+from skmm_pipeline.data.ingest import ImportRequest, import_dataset
+from skmm_pipeline.data.shards import read_shard
+from skmm_pipeline.data.vision import DataError, read_shard_sources
+from skmm_pipeline.definitions import build_definitions
+from skmm_pipeline.defs.assets import shard_partitions
+from test_cli import skmm
+from test_vision_data import write_cifar
+
+
+def photo_tree(root: Path, per_class: int = 10) -> Path:
+    """ImageFolder layout: root/<class>/<image>.png, three classes told apart by colour."""
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(("red", "green", "blue")):
+        for i in range(per_class):
+            x = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
+            x[..., k] += 150
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x, "RGB").save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.npz"))}
+
+
+def run_import(defs, instance, **config):
+    return defs.resolve_job_def("import_data").execute_in_process(
+        run_config={"ops": {"import_dataset_op": {"config": config}}}, instance=instance, raise_on_error=False)
+
+
+def test_import_job_lands_shards_and_eval_splits_from_config(project, tmp_path):
+    photos = photo_tree(tmp_path / "photos")
+    defs = build_definitions(project)  # settings: the small CNN, so images become 8x8 grey
+    ws = defs.resources["workspace"]
+    with dg.instance_for_test() as instance:
+        res = run_import(defs, instance, source="imagefolder", path=str(photos), shards=2, val_fraction=0.2,
+                         test_fraction=0.2, seed=1)
+        assert res.success
+        out = res.output_for_node("import_dataset_op")
+        assert out["shards"] == ["photos-000", "photos-001"] and out["task"] == "classification"
+        assert set(instance.get_dynamic_partitions(shard_partitions.name)) == {"photos-000", "photos-001"}
+        pool = [read_shard(ws.landing / f"{s}.npz") for s in out["shards"]]
+        val, test = read_shard(ws.evaluation / "val.npz"), read_shard(ws.evaluation / "test.npz")
+        assert pool[0].images.shape[1:] == (1, 8, 8)
+        assert sum(len(p.images) for p in pool) == 18 and len(val.images) == 6 and len(test.images) == 6
+        assert np.bincount(val.labels).tolist() == [2, 2, 2]  # stratified
+        ids = [set(read_shard_sources(ws.landing / f"{s}.npz").source_ids) for s in out["shards"]]
+        ids += [set(read_shard_sources(ws.evaluation / f"{s}.npz").source_ids) for s in ("val", "test")]
+        assert sum(map(len, ids)) == 30 and len(set().union(*ids)) == 30  # disjoint, nothing lost
+        before = digests(ws.landing) | {f"eval/{k}": v for k, v in digests(ws.evaluation).items()}
+        # The same import again is refused before anything is written: deliveries are immutable.
+        again = run_import(defs, instance, source="imagefolder", path=str(photos), shards=2, val_fraction=0.2)
+        assert not again.success
+        assert "already exist" in str(again.failure_data_for_node("import_dataset_op").error)
+        assert digests(ws.landing) | {f"eval/{k}": v for k, v in digests(ws.evaluation).items()} == before
+        # A test split from another source replaces test.npz only when asked to.
+        cifar = tmp_path / "cifar"
+        write_cifar(cifar)
+        refused = run_import(defs, instance, source="cifar10", path=str(cifar), split="test", role="test")
+        assert not refused.success and "overwrite_eval" in str(refused.failure_data_for_node("import_dataset_op").error)
+        replaced = run_import(defs, instance, source="cifar10", path=str(cifar), split="test", role="test",
+                              overwrite_eval=True)
+        assert replaced.success
+        assert len(read_shard(ws.evaluation / "test.npz").images) == 3
+        assert digests(ws.landing) == {k: v for k, v in before.items() if not k.startswith("eval/")}
+
+
+def test_import_refuses_bad_requests_before_writing(tmp_path):
+    photos = photo_tree(tmp_path / "photos", per_class=2)
+    landing, ev = tmp_path / "landing", tmp_path / "eval"
+    bad = [
+        (dict(source="parquet", path=str(photos)), "source must be one of"),
+        (dict(source="imagefolder", path=str(photos), role="train"), "role must be one of"),
+        (dict(source="imagefolder", path=str(photos), shards=0), "shards must be a positive"),
+        (dict(source="imagefolder", path=str(photos), val_fraction=0.6, test_fraction=0.5), "leave some rows"),
+        (dict(source="imagefolder", path=str(photos), role="val", val_fraction=0.2), "only apply to role 'pool'"),
+        (dict(source="imagefolder", path=str(photos), shards=7), "use fewer shards"),
+        (dict(source="imagefolder", path=str(tmp_path / "missing")), "not a directory"),
+        (dict(source="imagefolder", path=str(photos), name="bad name!"), "shard name"),
+    ]
+    for req, message in bad:
+        with pytest.raises((DataError, ValueError), match=message):
+            import_dataset(ImportRequest(**req), landing, ev)
+    with pytest.raises(DataError, match="must differ"):
+        import_dataset(ImportRequest(source="imagefolder", path=str(photos)), landing, landing)
+    assert not landing.exists() and not ev.exists()
+
+
+def test_cli_imports_a_regression_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["path,target"]
+    for i in range(12):
+        v = int(rng.integers(0, 256))
+        Image.fromarray(np.full((10, 10), v, dtype=np.uint8), "L").save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{v / 255:.4f}")
+    (tmp_path / "ages.csv").write_text("\n".join(lines) + "\n")
+    root = tmp_path / "project"
+    root.mkdir()
+    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(tmp_path / "ages.csv"),
+                "--shards", "2", "--val-fraction", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    assert "ages-000" in proc.stdout and "regression" in proc.stdout
+    src = read_shard_sources(root / ".skmm" / "landing" / "ages-000.npz")
+    assert src.targets is not None and len(src.source_ids) == 5
+    assert (root / ".skmm" / "eval" / "val.npz").is_file()
+    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(tmp_path / "ages.csv"))
+    assert proc.returncode == 2 and "already exist" in proc.stderr
