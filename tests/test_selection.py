@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from skmm_pipeline.core.moment_matching import moment_ratio
-from skmm_pipeline.core.selection import SELECTORS, class_budgets, method_options, select
+from skmm_pipeline.core.selection import SELECTORS, class_budgets, duplicate_rows, method_options, select
 from skmm_pipeline.core.validation import InputError
 
 ALL = ["skmm", "skmm-relaxation", "skmm-v1-reference", "skmmv2", "uniform", "leverage", "ridge-leverage",
@@ -209,3 +209,12 @@ def test_cli_select_bad_input_is_one_line(tmp_path):
         proc = _cli("--input", str(tmp_path / "X.npy"), "--n", "2", "--output", str(tmp_path / "o.npy"), *extra)
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_duplicate_rows_equals_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        N, d = int(rng.integers(1, 300)), int(rng.integers(1, 6))
+        X = rng.integers(0, 3, size=(N, d)).astype(float)  # small alphabet: many exact repeats
+        assert duplicate_rows(X) == N - len({tuple(r) for r in X})
+    assert duplicate_rows(np.zeros((5000, 3))) == 4999

@@ -376,14 +376,12 @@ def duplicate_rows(X) -> int:
     same = np.flatnonzero(key[order][1:] == key[order][:-1])
     if same.size == 0:
         return 0
-    # Confirm candidate pairs exactly (the random projection only proposes them).
+    # Confirm candidate pairs exactly (the random projection only proposes them), in chunks.
+    first, second = order[same], order[same + 1]
     dup = 0
-    seen: set[int] = set()
-    for t in same:
-        i, j = int(order[t]), int(order[t + 1])
-        if j not in seen and np.array_equal(X[i], X[j]):
-            dup += 1
-            seen.add(j)
+    for lo in range(0, same.size, 1 << 14):
+        a, b = X[first[lo : lo + (1 << 14)]], X[second[lo : lo + (1 << 14)]]
+        dup += int(np.all(a == b, axis=1).sum())
     return dup
 
 
