@@ -143,3 +143,25 @@ def test_small_cnn_in_the_registry():
     check_interface(cnn, torch.randn(2, 1, 8, 8), "body.6")
     assert gradient_layers(cnn, "ft2") == ["body.6", "head"]
     assert default_transform("small_cnn").mode == "L"
+
+
+@pytest.mark.parametrize("arch,make,probe", [
+    ("resnet50", lambda: torchvision.models.resnet50(weights=None), "layer4.2.bn3.running_mean"),
+    ("vit_b_16", lambda: torchvision.models.vit_b_16(weights=None, image_size=32), "encoder.layers.encoder_layer_11.mlp.0.weight"),
+])
+def test_resnet50_and_vit_b_16_from_weights_files(tmp_path, arch, make, probe):
+    """torchvision's own key layout, saved to and loaded from a temp file; the head is replaced."""
+    torch.manual_seed(7)
+    net = make()
+    saved = net.state_dict()
+    path = tmp_path / f"{arch}.pth"
+    torch.save(saved, path)
+    del net
+    model = build_backbone(arch, 3, weights=path, seed=2, image_size=32)
+    body = model.body.state_dict()
+    assert torch.equal(body[probe], saved[probe]) and model.num_classes == 3
+    with torch.no_grad():
+        assert model(X32).shape == (2, 3)
+    if arch == "vit_b_16":  # a checkpoint made for another input size is refused, naming both sizes
+        with pytest.raises(BackboneWeightsError, match="5 position tokens.*image_size=224"):
+            build_backbone(arch, 3, weights=path, image_size=224)
