@@ -9,7 +9,8 @@ default SkMM with the outlier guard as the pipeline runs it (``settings.outlier_
 lack the pool's spatial structure are excluded, then rows that stick out of the sketch),
 ``skmm+sketch-guard`` the sketch part alone (``structure_threshold=0``); ``(cb)`` marks the
 label-using, class-balanced variants (per-class budgets; the sketch guard then runs inside each
-class). For each method and budget the script prints the share of corrupted and of near-duplicate
+class); the model-based baselines (entropy ... contextual-diversity) select on the pool's frozen
+features with its (partly wrong) labels, per class. For each method and budget the script prints the share of corrupted and of near-duplicate
 images among the picks (against their base rates) and the FT-1 test accuracy of a head trained on
 the picks (C chosen on the clean validation split). The clean pool's rows are also run through the
 guard, to show what it costs when there is nothing to guard against.
@@ -51,6 +52,11 @@ METHODS = {
     "skmm (cb)": ("skmm", {"class_balanced": True}),
     "skmm (cb)+guard": ("skmm", {"class_balanced": True, "outlier_guard": True}),
 }
+# Model-based baselines (label-using): a proxy head on the pool's standardised frozen features, per-class
+# budgets (their default); see core.model_baselines.
+MODEL_BASED = ("entropy", "margin", "least-confidence", "grand", "el2n", "forgetting", "glister", "deepfool",
+               "contextual-diversity")
+METHODS.update({name: (name, {"features": True}) for name in MODEL_BASED})
 
 
 def main() -> None:
@@ -94,10 +100,11 @@ def main() -> None:
         for n in budgets:
             for name, (method, opts) in METHODS.items():
                 opts = dict(opts)
-                labels = pool.labels if opts.get("class_balanced") else None
+                on_features = opts.pop("features", False)
+                labels = pool.labels if opts.get("class_balanced") or on_features else None
                 if opts.pop("structure", True) and opts.get("outlier_guard"):
                     opts["exclude"] = unstructured
-                idx = select(method, G, n, seed=seed, labels=labels, **opts).indices
+                idx = select(method, pool_f if on_features else G, n, seed=seed, labels=labels, **opts).indices
                 res = linear_probe(pool_f[idx], pool.labels[idx], val_f, data.val.labels, test_f, data.test.labels, seed=seed)
                 rows.append({"seed": seed, "n": n, "method": name, "corrupted": 100 * cur.corrupted[idx].mean(),
                              "duplicates": 100 * (cur.kind[idx] == 1).mean(), "acc": 100 * res.test_accuracy})
