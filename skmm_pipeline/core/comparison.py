@@ -176,7 +176,8 @@ class Split:
         if len(set(self.ids)) != n:
             raise InputError("sample ids within a split must be unique")
         if not np.issubdtype(self.labels.dtype, np.integer):
-            raise InputError(f"labels must be integer class indices, got dtype {self.labels.dtype}")
+            raise InputError(f"labels must be integer class indices (the comparison is classification-only), "
+                             f"got dtype {self.labels.dtype}")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -2,7 +2,9 @@
 
 FT-1 (:func:`linear_probe`): a linear head (multinomial logistic regression) on frozen penultimate
 features. Features are standardised with statistics of the whole pool (known to the selector anyway),
-not of the small training subset.
+not of the small training subset. For regression, :func:`ridge_probe` fits a ridge head (closed form,
+unpenalised intercept) on the same features, targets standardised with the training subset's mean and
+spread, the penalty chosen from a fixed grid by validation MAE.
 
 FT-2 (:func:`finetune_tail`): the last two layers of a network trained by AdamW on a subset, the rest
 frozen. The network comes cut in two (``models.backbones.finetune_split``): a frozen ``prefix`` whose
@@ -11,10 +13,10 @@ holding the finetuned parameters, copied for every configuration so the pretrain
 modified. The whole network runs in eval mode: BatchNorm keeps its pretrained running statistics and
 dropout is off, so a run depends only on the subset, the grid and the seed.
 
-Both protocols choose their hyper-parameters (C; or learning rate, weight decay and number of
-epochs) on the validation split alone and score the test split once, with the chosen model.
-:class:`FinetuneResult` records which sample ids were used to fit, to select and to test.
-Metrics: accuracy and macro-F1 for classification, MAE for regression.
+Both protocols choose their hyper-parameters (C or the ridge penalty alpha; or learning rate, weight
+decay and number of epochs) on the validation split alone and score the test split once, with the
+chosen model. :class:`FinetuneResult` records which sample ids were used to fit, to select and to test.
+Metrics: accuracy and macro-F1 for classification, MAE for regression (and RMSE for the ridge head).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 from skmm_pipeline.core.validation import InputError
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+DEFAULT_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 TASKS = ("classification", "regression")
 
 
@@ -247,6 +250,99 @@ def _check_disjoint(train: EvalSplit, val: EvalSplit, test: EvalSplit) -> None:
         both = a & b
         if both:
             raise InputError(f"{what} splits share {len(both)} sample id(s), e.g. {sorted(both)[:3]}: splits must be disjoint")
+
+
+# --------------------------------------------------------------------------------------------------
+# FT-1 for regression (a ridge head; it shares the split and result types of FT-2)
+
+
+def _ridge_fit(X: np.ndarray, z: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(w, b)`` minimising ``||X w + b - z||^2 + alpha ||w||^2`` (the intercept is not penalised),
+    in closed form: the primal normal equations for ``n >= d``, the dual (kernel) form otherwise."""
+    mu = X.mean(axis=0)
+    Xc = X - mu
+    n, d = Xc.shape
+    zc = z - z.mean()
+    if n >= d:
+        w = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(d), Xc.T @ zc)
+    else:
+        w = Xc.T @ np.linalg.solve(Xc @ Xc.T + alpha * np.eye(n), zc)
+    return w, float(z.mean() - mu @ w)
+
+
+def _regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    err = pred - y_true
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}
+
+
+def ridge_probe(train: EvalSplit, val: EvalSplit, test: EvalSplit, alphas=DEFAULT_ALPHAS, seed: int = 0) -> FinetuneResult:
+    """FT-1 for regression: a ridge head on frozen features, alpha chosen on ``val``, ``test`` scored once.
+
+    ``inputs`` of every split are feature rows (N x d), standardised by the caller with the pool's
+    statistics (:class:`Standardizer`), as for :func:`linear_probe`; ``targets`` are real numbers.
+    Targets are standardised with the training subset's mean and spread (1 when it has none), a ridge
+    head with an unpenalised intercept is fitted in closed form for every alpha of the grid, the one
+    with the lowest validation MAE is kept (ties: the first in the grid) and scores the test split.
+    The fit is exact and deterministic; ``seed`` is recorded for parity with the other protocols.
+    Returns a :class:`FinetuneResult` (task ``regression``, test MAE and RMSE, hyper-parameter
+    ``alpha``, the ids used to fit, select and test).
+    """
+    alphas = tuple(float(a) for a in alphas)
+    if not alphas or not all(math.isfinite(a) and a > 0 for a in alphas):
+        raise InputError(f"ridge penalties (alphas) must be positive finite numbers, got {alphas}")
+    _check_disjoint(train, val, test)
+    t0 = time.perf_counter()
+    ledger = _Ledger()
+
+    def data(split: EvalSplit, what: str) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(split.inputs, dtype=np.float64)
+        X = X.reshape(len(X), -1)
+        y = np.asarray(split.targets)
+        if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise InputError(f"regression targets of the {what} split must be real numbers, got dtype {y.dtype}")
+        y = y.astype(np.float64).reshape(-1)
+        if not np.isfinite(y).all() or not np.isfinite(X).all():
+            raise InputError(f"features and regression targets of the {what} split must be finite")
+        return X, y
+
+    X_train, y_train = data(ledger.use("fit", train), "training")
+    X_val, y_val = data(ledger.use("select", val), "validation")
+    if X_val.shape[1] != X_train.shape[1]:
+        raise InputError(f"training and validation features differ in width: {X_train.shape[1]} vs {X_val.shape[1]}")
+    t_mean = float(y_train.mean())
+    t_scale = float(y_train.std()) if len(y_train) > 1 and y_train.std() > 0 else 1.0
+    z_train = (y_train - t_mean) / t_scale
+
+    trials, best = [], None
+    for alpha in alphas:
+        w, b = _ridge_fit(X_train, z_train, alpha)
+        val_m = _regression_metrics(y_val, (X_val @ w + b) * t_scale + t_mean)
+        trials.append({"alpha": alpha, **{f"val_{m}": v for m, v in val_m.items()}})
+        if math.isfinite(val_m["mae"]) and _better("regression", val_m, None if best is None else best[0]):
+            best = (val_m, alpha, w, b)
+    if best is None:
+        raise InputError("the ridge head produced no finite validation score")
+    val_m, alpha, w, b = best
+    X_test, y_test = data(ledger.use("test", test), "test")
+    if X_test.shape[1] != X_train.shape[1]:
+        raise InputError(f"training and test features differ in width: {X_train.shape[1]} vs {X_test.shape[1]}")
+    test_m = _regression_metrics(y_test, (X_test @ w + b) * t_scale + t_mean)
+    return FinetuneResult(
+        task="regression",
+        test_metrics=test_m,
+        val_metrics=val_m,
+        hyperparameters={"alpha": alpha},
+        trials=tuple(trials),
+        n_train=len(y_train),
+        n_classes_seen=None,
+        split_ids=ledger.frozen(),
+        seconds=time.perf_counter() - t0,
+        extra={"alphas": list(alphas), "seed": seed, "target_mean": t_mean, "target_scale": t_scale},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# FT-2 training
 
 
 def finetune_tail(

@@ -100,7 +100,9 @@ class GradientSketcher:
         (the dense reference), ``countsketch`` or ``tensorsketch``; see ``core.sketch``.
     seed: fixes the operators and the random labels.
     layers: ``"ft1"`` (last Linear), ``"ft2"`` (last two Linear/Conv2d) or module names.
-    label_mode, draws: see ``core.gradients`` (``expected`` is label-free and noise-free).
+    label_mode, draws: see ``core.gradients`` (``expected`` is label-free and noise-free). For a model
+        with one output (regression) ``expected`` gives the Jacobian rows (mode ``jacobian``) and
+        ``random``/``true`` are refused, see :meth:`prepare`.
     block_scales: ``{layer name: scale}`` for multi-block parameter sets, from :func:`calibrate_block_scales`.
     model_id: recorded in the identity; by default a content hash of the weights.
     device: ``None``/``"auto"`` (cuda when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -180,6 +182,7 @@ class GradientSketcher:
             x = self._to_device(example[: self.block_rows])
             with self._autocast():
                 self.factorizer.prepare(self._pad(x, self.block_rows))
+            self._single_output_mode()
             self.sketches = []
             for name, shape in self.factorizer.block_shapes():
                 kind = resolve_kind(self.kind, shape, self.sketch_dim)
@@ -188,6 +191,22 @@ class GradientSketcher:
                 self.sketches.append((name, op))
                 self.block_shapes.append(tuple(shape))
         return self
+
+    def _single_output_mode(self) -> None:
+        """A model with one output is a regression model (squared loss): there is no class to draw or
+        to take, so ``random`` and ``true`` are refused, and ``expected`` is the squared loss's
+        label-free moment ``J_i^T J_i`` (up to the residual variance), i.e. the Jacobian rows: the
+        label mode becomes ``jacobian`` (and the identity says so)."""
+        f = self.factorizer
+        if f.num_classes != 1:
+            return
+        if f.label_mode in ("random", "true"):
+            raise InputError(
+                f"label_mode={f.label_mode!r} takes gradients of a cross-entropy loss over classes, but the model "
+                "has one output (regression): use label_mode='expected' (label-free Jacobian rows)"
+            )
+        if f.label_mode == "expected":
+            f.label_mode = "jacobian"
 
     def _auto_block_rows(self, example) -> int:
         """Rows per step from the bytes of all module outputs per sample (16 padded example rows)."""

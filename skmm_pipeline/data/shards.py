@@ -1,4 +1,5 @@
-"""On-disk shards: one ``<name>.npz`` file per data delivery with ``images`` and (optional) ``labels``.
+"""On-disk shards: one ``<name>.npz`` file per data delivery with ``images`` and, optionally, either
+int ``labels`` (classification) or float ``targets`` (regression), never both.
 
 A sample's id is ``<shard name>/<row>``; it never changes once the shard has landed.
 """
@@ -35,10 +36,18 @@ class Shard:
     name: str
     images: np.ndarray  # (N, C, H, W) float32
     labels: np.ndarray | None  # (N,) int64, or None for an unlabelled pool
+    targets: np.ndarray | None = None  # (N,) float32 regression targets (then labels is None)
 
     @property
     def ids(self) -> list[str]:
         return [f"{self.name}/{i}" for i in range(len(self.images))]
+
+    @property
+    def task(self) -> str | None:
+        """``"classification"`` (labels), ``"regression"`` (targets) or ``None`` (unlabelled)."""
+        if self.labels is not None:
+            return "classification"
+        return "regression" if self.targets is not None else None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,12 +89,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    check_shard_name(Path(path).stem)
+def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
+                targets: np.ndarray | None = None) -> None:
+    """Write a shard: ``labels`` (int, classification) or ``targets`` (float, regression) or neither."""
+    name = check_shard_name(Path(path).stem)
     arrays = {"images": np.asarray(images, dtype=np.float32)}
+    if labels is not None and targets is not None:
+        raise ShardError(f"shard {name!r}: give labels (classification) or targets (regression), not both")
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    if targets is not None:
+        arrays["targets"] = _checked_targets(f"shard {name!r}", np.asarray(targets), len(arrays["images"]))
     atomic_save_npz(Path(path), **arrays)
+
+
+def _checked_targets(what: str, targets: np.ndarray, n: int) -> np.ndarray:
+    """Regression targets as float32 (N,), finite; a :class:`ShardError` naming ``what`` otherwise."""
+    if targets.dtype == bool or not (np.issubdtype(targets.dtype, np.integer) or np.issubdtype(targets.dtype, np.floating)):
+        raise ShardError(f"{what}: targets must be real numbers, got dtype {targets.dtype}")
+    if targets.shape != (n,):
+        raise ShardError(f"{what}: targets shape {targets.shape} does not match {n} images (expected ({n},))")
+    with np.errstate(over="ignore"):
+        out = targets.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise ShardError(f"{what}: {bad.size} target(s) are NaN, inf or beyond float32, at rows {bad[:5].tolist()}")
+    return out
 
 
 def read_shard(path: Path) -> Shard:
@@ -108,7 +137,13 @@ def read_shard(path: Path) -> Shard:
         raise ShardError(f"shard {name!r} at {path} is empty")
     if not np.isfinite(images).all():
         raise ShardError(f"shard {name!r}: images contain NaN or inf")
-    labels = arrays.get("labels")
+    labels, targets = arrays.get("labels"), arrays.get("targets")
+    if labels is not None and targets is not None:
+        raise ShardError(f"shard {name!r} at {path} has both 'labels' (classification) and 'targets' (regression): "
+                         "a shard carries one of them")
     if labels is not None and labels.shape != (images.shape[0],):
         raise ShardError(f"shard {name!r}: labels shape {labels.shape} does not match {images.shape[0]} images")
-    return Shard(name, images.astype(np.float32, copy=False), None if labels is None else labels.astype(np.int64))
+    if targets is not None:
+        targets = _checked_targets(f"shard {name!r} at {path}", targets, images.shape[0])
+    return Shard(name, images.astype(np.float32, copy=False), None if labels is None else labels.astype(np.int64),
+                 targets)

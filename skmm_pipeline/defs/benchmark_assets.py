@@ -6,6 +6,7 @@ and budget, split into the label-free and the label-using group, with the paired
 group's uniform baseline. The stored sketch (made with ``settings.seed``) serves the first seed; the
 other seeds are sketched in-process by the sketch engine with the stored sketch's settings (checked
 against the stored rows first). Hyper-parameters are chosen on the validation split only.
+Classification only: a pool or evaluation splits with regression targets are refused before any work.
 
 It is not part of ``reselect`` (the default grid takes about a minute on 2 CPU cores, not seconds): it
 runs as its own job, ``benchmark``, which ``skmm demo`` / ``make demo`` run after ``reselect`` unless
@@ -97,13 +98,20 @@ def selection_benchmark(
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
     from skmm_pipeline.core import comparison as cmp
+    from skmm_pipeline.core.validation import InputError
     from skmm_pipeline.models.backbones import finetune_split
     from skmm_pipeline.tracking.mlflow_store import run_tags
 
     check_config(config)
     t0 = time.perf_counter()
+    ev = eval_splits(workspace)
+    if ev.task != "classification":
+        raise InputError(f"selection_benchmark is classification-only (accuracy, class-balanced methods): {ev.describe()}; "
+                         "evaluate a regression pool with finetune_eval (MAE)")
     device, model, ids, labels, images = load_labelled_pool(
-        raw_shard, pretrained_model, settings, "selection_benchmark needs labelled shards to train and to score the subsets")
+        raw_shard, pretrained_model, settings, "selection_benchmark needs labelled shards to train and to score the subsets",
+        regression_error="selection_benchmark is classification-only (accuracy, class-balanced methods); evaluate a "
+        "regression pool with finetune_eval (MAE)")
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
         raise ValueError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
@@ -111,7 +119,6 @@ def selection_benchmark(
     if identity.get("model_id") != pretrained_model["model_id"]:
         raise ValueError(f"the sketches were made with model {identity.get('model_id')}, the pretrained model is "
                          f"{pretrained_model['model_id']}: re-materialize gradient_sketch")
-    ev = eval_splits(workspace)
     pool_f, (val_f, test_f) = cmp.standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
     pool = cmp.Split.of("pool", pool_f, labels, images, ids=ids)
     val = cmp.Split.of("val", val_f, ev.val.labels, ev.val.images, ids=ev.ids("val"))

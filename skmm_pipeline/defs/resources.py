@@ -59,9 +59,11 @@ class SkmmSettings(dg.ConfigurableResource):
     # hub cache; never downloaded) or "" (random init, for smoke tests only).
     backbone: str = "small_cnn"
     backbone_weights: str = "hub"
-    num_classes: int = 0  # 0: the number of classes in the validation split
+    num_classes: int = 0  # 0: the number of classes in the validation split (one output for regression targets)
     image_size: int = 224
-    # Evaluation: "ft1" (logistic head on frozen features), "ft2" (last block + head), or "both".
+    # Evaluation: "ft1" (logistic head on frozen features; a ridge head for regression), "ft2" (last
+    # block + head), or "both". The task is what the splits carry: labels (classification, accuracy and
+    # macro-F1) or targets (regression, MAE).
     finetune_mode: str = "ft1"
 
 

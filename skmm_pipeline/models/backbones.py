@@ -14,7 +14,8 @@ Architectures (``ARCHITECTURES``): ``resnet18``, ``resnet50``, ``vit_b_16`` (tor
   (``torch.hub.get_dir()`` unless ``hub_dir`` is given), e.g. ``resnet18-f37072fd.pth``;
 - ``weights=None``: random initialisation from ``seed`` (tests, development).
 
-The classification head is replaced for ``num_classes``: a file's head is kept only when it has
+The classification head is replaced for ``num_classes`` (1 for regression: the pipeline builds a
+one-output head when the evaluation splits carry ``targets``): a file's head is kept only when it has
 exactly that shape, otherwise a new head is initialised from ``seed``. A file whose body does not
 match the architecture raises :class:`BackboneWeightsError` naming the file and the first mismatched
 keys.
