@@ -255,6 +255,8 @@ def test_regression_csv_end_to_end_ft1_and_ft2(versioned_project, tmp_path):
         result = reselect.execute_in_process(instance=instance)
         assert result.success
         record = result.output_for_node("finetune_eval")
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert checks["class_coverage"].metadata["note"].value == "regression pool (targets): no class report"
         meta = instance.get_latest_materialization_event(dg.AssetKey("finetune_eval")).asset_materialization.metadata
         model = instance.get_latest_materialization_event(dg.AssetKey("pretrained_model")).asset_materialization.metadata
         assert model["num_classes"].value == 1  # the head of a regression model has one output

@@ -83,9 +83,12 @@ def class_coverage(skmm_selection: dict, workspace: Workspace) -> dg.AssetCheckR
     pool_counts: dict[int, int] = {}
     subset_counts: dict[int, int] = {}
     for shard in skmm_selection["shards"]:
-        labels = read_shard(Path(workspace.shard_path(shard))).labels
+        data = read_shard(Path(workspace.shard_path(shard)))
+        labels = data.labels
         if labels is None:
-            return dg.AssetCheckResult(passed=True, metadata={"note": "unlabelled pool: no class report"})
+            note = ("regression pool (targets): no class report" if data.task == "regression"
+                    else "unlabelled pool: no class report")
+            return dg.AssetCheckResult(passed=True, metadata={"note": note})
         for c, k in zip(*np.unique(labels, return_counts=True)):
             pool_counts[int(c)] = pool_counts.get(int(c), 0) + int(k)
         for c in labels[chosen.get(shard, [])]:
