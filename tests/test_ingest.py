@@ -116,3 +116,20 @@ def test_cli_imports_a_regression_csv(tmp_path):
     assert (root / ".skmm" / "eval" / "val.npz").is_file()
     proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(tmp_path / "ages.csv"))
     assert proc.returncode == 2 and "already exist" in proc.stderr
+
+
+def test_a_failed_import_leaves_nothing_behind_and_can_be_rerun(tmp_path):
+    photos = photo_tree(tmp_path / "photos", per_class=4)
+    (photos / "red" / "zzz.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not an image")
+    landing, ev = tmp_path / "landing", tmp_path / "eval"
+    req = dict(source="imagefolder", path=str(photos), shards=3, val_fraction=0.25)
+    with pytest.raises(DataError, match="zzz.png"):
+        import_dataset(ImportRequest(**req, on_corrupt="raise"), landing, ev)
+    assert list(landing.rglob("*")) == [] and not ev.exists()
+    # A staging folder left by a killed import is cleared by the next one.
+    (landing / ".import-photos").mkdir()
+    (landing / ".import-photos" / "photos-000.npz").write_bytes(b"half a file")
+    res = import_dataset(ImportRequest(**req), landing, ev)  # skips the unreadable image, counted
+    assert res.skipped == 1 and sum(res.rows[s] for s in res.shards) + res.rows["val"] == 12
+    assert sorted(p.name for p in landing.iterdir()) == ["photos-000.npz", "photos-001.npz", "photos-002.npz"]
+    assert (ev / "val.npz").is_file()

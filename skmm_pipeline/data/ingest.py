@@ -10,6 +10,8 @@ target, regression). Images are transformed for the configured backbone
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +95,10 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
                    image_size: int = 224) -> ImportResult:
     """Write ``req``'s dataset into ``landing_dir`` (pool shards ``<prefix>-000.npz`` ...) and/or
     ``eval_dir`` (``val.npz``, ``test.npz``). Everything is checked before the first file is written:
-    existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``."""
+    existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``.
+    Files are written into a staging folder and moved into place at the end: an import that fails
+    (e.g. an unreadable image with ``on_corrupt="raise"``) or is killed while writing leaves nothing
+    behind, and the next import clears the staging folder."""
     from skmm_pipeline.data.vision import split_indices, write_shards, write_split
 
     req = req.checked()
@@ -126,18 +131,33 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
         out = eval_dir / f"{role}.npz"
         if out.exists() and not req.overwrite_eval:
             raise DataError(f"{out} already exists; set overwrite_eval to replace it")
+    # Everything is written into a staging folder inside the landing folder (the sensor only looks at
+    # *.npz directly in it) and moved into place at the end, so a failed or killed import leaves no
+    # partial delivery behind; a staging folder left by a killed import is cleared first.
+    staging = landing_dir / f".import-{req.prefix()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     result = ImportResult(task=source.task)
-    if pool_idx is not None:
-        written = write_shards(source, landing_dir, req.prefix(), n_shards=req.shards, indices=pool_idx,
-                               on_corrupt=req.on_corrupt)
-        for w in written:
+    try:
+        if pool_idx is not None:
+            written = write_shards(source, staging, req.prefix(), n_shards=req.shards, indices=pool_idx,
+                                   on_corrupt=req.on_corrupt)
+            for w in written:
+                result.skipped += len(w.skipped)
+                if w.rows:
+                    result.shards.append(w.name)
+                    result.rows[w.name] = w.rows
+        for role, idx in targets.items():
+            w = write_split(source, staging / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
             result.skipped += len(w.skipped)
-            if w.rows:
-                result.shards.append(w.name)
-                result.rows[w.name] = w.rows
-    for role, idx in targets.items():
-        w = write_split(source, eval_dir / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
-        result.skipped += len(w.skipped)
-        result.rows[role] = w.rows
-        result.eval_files.append(str(w.path))
+            result.rows[role] = w.rows
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        for name in result.shards:
+            os.replace(staging / f"{name}.npz", landing_dir / f"{name}.npz")
+        for role in targets:
+            os.replace(staging / f"{role}.npz", eval_dir / f"{role}.npz")
+            result.eval_files.append(str(eval_dir / f"{role}.npz"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
