@@ -1,6 +1,8 @@
 """Importing a local dataset by run configuration: the ``import_data`` job and ``skmm shards import``."""
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -125,14 +127,21 @@ def test_a_failed_import_leaves_nothing_behind_and_can_be_rerun(tmp_path):
     req = dict(source="imagefolder", path=str(photos), shards=3, val_fraction=0.25)
     with pytest.raises(DataError, match="zzz.png"):
         import_dataset(ImportRequest(**req, on_corrupt="raise"), landing, ev)
-    assert list(landing.rglob("*")) == [] and not ev.exists()
-    # A staging folder left by a killed import is cleared by the next one.
-    (landing / ".import-photos").mkdir()
-    (landing / ".import-photos" / "photos-000.npz").write_bytes(b"half a file")
+    assert list(landing.rglob("*")) == [] and not list(ev.rglob("*"))
+    # Staging folders of killed imports are cleared once stale; a recent one may be another import's.
+    for name, age in (("stale", 2 * 24 * 3600), ("live", 0)):
+        folder = landing / f".import-{name}"
+        folder.mkdir()
+        (folder / "photos-000.npz").write_bytes(b"half a file")
+        os.utime(folder, (time.time() - age, time.time() - age))
     res = import_dataset(ImportRequest(**req), landing, ev)  # skips the unreadable image, counted
     assert res.skipped == 1 and sum(res.rows[s] for s in res.shards) + res.rows["val"] == 12
-    assert sorted(p.name for p in landing.iterdir()) == ["photos-000.npz", "photos-001.npz", "photos-002.npz"]
-    assert (ev / "val.npz").is_file()
+    assert sorted(p.name for p in landing.iterdir()) == [".import-live", "photos-000.npz", "photos-001.npz",
+                                                         "photos-002.npz"]
+    assert sorted(p.name for p in ev.iterdir()) == ["val.npz"]
+    # A requested split that rounds to no row is an error, not a silently missing test.npz.
+    with pytest.raises(DataError, match="test_fraction 0.01 of 13 rows leaves no test row"):
+        import_dataset(ImportRequest(**{**req, "name": "other"}, test_fraction=0.01), landing, ev)
 
 
 def test_imported_images_run_through_the_whole_graph(project, tmp_path):

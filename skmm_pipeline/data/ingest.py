@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
     existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``.
     Files are written into a staging folder and moved into place at the end: an import that fails
     (e.g. an unreadable image with ``on_corrupt="raise"``) or is killed while writing leaves nothing
-    behind, and the next import clears the staging folder."""
+    behind (its staging folders are cleared by a later import once they are a day old)."""
     from skmm_pipeline.data.vision import split_indices, write_shards, write_split
 
     req = req.checked()
@@ -113,11 +115,12 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
     if req.role == "pool":
         fr = [1 - req.val_fraction - req.test_fraction, req.val_fraction, req.test_fraction]
         pool_idx, val_idx, test_idx = split_indices(n, fr, seed=req.seed, labels=labels)
-        for role, idx in (("val", val_idx), ("test", test_idx)):
+        for role, idx, frac in (("val", val_idx, req.val_fraction), ("test", test_idx, req.test_fraction)):
             if idx.size:
                 targets[role] = idx
-            elif role == "val" and req.val_fraction:
-                raise DataError(f"val_fraction {req.val_fraction} of {n} rows leaves no validation row")
+            elif frac:
+                raise DataError(f"{role}_fraction {frac} of {n} rows leaves no {role} row: raise it or import the "
+                                f"{role} split with role '{role}'")
         if req.shards > pool_idx.size:
             raise DataError(f"{req.shards} shards for {pool_idx.size} pool rows: use fewer shards")
         prefix = req.prefix()
@@ -131,33 +134,65 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
         out = eval_dir / f"{role}.npz"
         if out.exists() and not req.overwrite_eval:
             raise DataError(f"{out} already exists; set overwrite_eval to replace it")
-    # Everything is written into a staging folder inside the landing folder (the sensor only looks at
-    # *.npz directly in it) and moved into place at the end, so a failed or killed import leaves no
-    # partial delivery behind; a staging folder left by a killed import is cleared first.
-    staging = landing_dir / f".import-{req.prefix()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    # Everything is written into staging folders of this run, inside the landing and the evaluation
+    # folders (the sensor only looks at *.npz directly in the landing folder; same filesystem, so the
+    # moves are renames), and moved into place at the end: a failed or killed import leaves no partial
+    # delivery. Staging folders older than a day (left by killed imports) are cleared.
     result = ImportResult(task=source.task)
+    stages = []
     try:
         if pool_idx is not None:
-            written = write_shards(source, staging, req.prefix(), n_shards=req.shards, indices=pool_idx,
+            stages.append(_stage(landing_dir))
+            written = write_shards(source, stages[-1], req.prefix(), n_shards=req.shards, indices=pool_idx,
                                    on_corrupt=req.on_corrupt)
             for w in written:
                 result.skipped += len(w.skipped)
                 if w.rows:
                     result.shards.append(w.name)
                     result.rows[w.name] = w.rows
-        for role, idx in targets.items():
-            w = write_split(source, staging / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
-            result.skipped += len(w.skipped)
-            result.rows[role] = w.rows
-        eval_dir.mkdir(parents=True, exist_ok=True)
+        if targets:
+            stages.append(_stage(eval_dir))
+            for role, idx in targets.items():
+                w = write_split(source, stages[-1] / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
+                result.skipped += len(w.skipped)
+                result.rows[role] = w.rows
         for name in result.shards:
-            os.replace(staging / f"{name}.npz", landing_dir / f"{name}.npz")
+            _move_new(stages[0] / f"{name}.npz", landing_dir / f"{name}.npz")
         for role in targets:
-            os.replace(staging / f"{role}.npz", eval_dir / f"{role}.npz")
+            os.replace(stages[-1] / f"{role}.npz", eval_dir / f"{role}.npz")
             result.eval_files.append(str(eval_dir / f"{role}.npz"))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for stage in stages:
+            shutil.rmtree(stage, ignore_errors=True)
     return result
+
+
+STAGE_PREFIX = ".import-"
+STALE_SECONDS = 24 * 3600
+
+
+def _stage(folder: Path) -> Path:
+    """A fresh staging folder of this run inside ``folder``; stale ones of killed runs are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in folder.glob(f"{STAGE_PREFIX}*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+
+
+def _move_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, never replacing an existing ``dst`` (shards are immutable deliveries)."""
+    try:
+        os.link(src, dst)  # fails if dst exists
+    except FileExistsError:
+        raise ShardError(f"shard file {dst} appeared during the import; shards are immutable deliveries") from None
+    except OSError:  # no hard links here: check, then rename
+        if dst.exists():
+            raise ShardError(f"shard file {dst} appeared during the import; shards are immutable deliveries") from None
+        os.replace(src, dst)
+        return
+    src.unlink()
