@@ -93,9 +93,9 @@ def _cmd_select(args) -> int:
             images = np.load(args.images, allow_pickle=False, mmap_mode="r")
         except ValueError as exc:
             raise InputError(f"cannot read {args.images} as a numeric .npy array: {exc}") from None
-        if images.ndim != 4 or images.shape[0] != input_shape[0]:
-            raise InputError(f"--images must be {input_shape[0]} x C x H x W (one image per input row), "
-                             f"got shape {tuple(images.shape)}")
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] != input_shape[0]:
+            raise InputError(f"--images must be a .npy array of {input_shape[0]} x C x H x W (one image per input "
+                             f"row), got {getattr(images, 'shape', type(images).__name__)}")
         extra["exclude"] = lacks_structure(spatial_structure(images))
     result = select(args.method, X, args.n, seed=args.seed, labels=labels, **options, **extra)
     out_path = Path(args.output)

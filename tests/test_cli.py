@@ -65,6 +65,9 @@ def test_select_with_images_sets_aside_noise_images(tmp_path):
     np.save(tmp_path / "short.npy", images[:10])
     proc = skmm(*args, "--images", str(tmp_path / "short.npy"))
     assert proc.returncode == 2 and "one image per input row" in proc.stderr
+    np.savez(tmp_path / "images.npz", images=images)
+    proc = skmm(*args, "--images", str(tmp_path / "images.npz"))
+    assert proc.returncode == 2 and "a .npy array" in proc.stderr
     proc = skmm(*[a for a in args if a != "--outlier-guard"], "--images", str(tmp_path / "images.npy"))
     assert proc.returncode == 2 and "pass --outlier-guard" in proc.stderr
 

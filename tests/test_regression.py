@@ -175,6 +175,9 @@ def test_eval_splits_and_pool_decide_the_task_and_refuse_mixtures(tmp_path):
     write_shard(ws.evaluation / "val.npz", images)
     with pytest.raises(ValueError, match="val.npz has neither"):
         eval_splits(ws)
+    (ws.evaluation / "test.npz").unlink()  # one split alone never falls back to the embedded digits
+    with pytest.raises(ValueError, match="holds val.npz but no test.npz"):
+        eval_splits(ws)
 
     model_path = ws.artifacts / "model.pt"
     atomic_write_bytes(model_path, save_backbone(build_backbone("small_cnn", 5, weights=None)))
@@ -316,3 +319,17 @@ def test_regression_eval_splits_with_a_classification_pool_are_refused(versioned
     message = str(exc.value)
     assert "cls-a.npz" in message and "carry class labels" in message
     assert "val.npz" in message and "test.npz" in message and "regression targets" in message
+
+
+def test_regression_with_a_multi_output_model_is_refused_before_sketching(project):
+    """The embedded small CNN keeps its 5 digit outputs: a regression shard is refused, naming the fix."""
+    rng = np.random.default_rng(0)
+    defs = build_definitions(project, settings=SkmmSettings(pretrain_epochs=1))
+    ws = defs.resources["workspace"]
+    write_shard(ws.landing / "ages-000.npz", rng.uniform(size=(12, 1, 8, 8)), targets=rng.normal(size=12))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, ["ages-000"])
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        with pytest.raises(ValueError, match="needs a model with one output.*small CNN keeps the 5 outputs.*resnet18"):
+            defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key="ages-000")
+    assert not (ws.artifacts / "sketches").exists() or not list((ws.artifacts / "sketches").rglob("*.json"))

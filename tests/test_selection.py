@@ -218,3 +218,5 @@ def test_duplicate_rows_equals_a_brute_force_count():
         X = rng.integers(0, 3, size=(N, d)).astype(float)  # small alphabet: many exact repeats
         assert duplicate_rows(X) == N - len({tuple(r) for r in X})
     assert duplicate_rows(np.zeros((5000, 3))) == 4999
+    X = rng.integers(0, 2, size=(400, 6)).astype(np.float32)  # many chunks of a few rows each
+    assert duplicate_rows(X, chunk_elems=20) == duplicate_rows(X) == 400 - len({tuple(r) for r in X})

@@ -364,8 +364,9 @@ def as_selection_matrix(X, name: str = "X") -> np.ndarray:
     return arr
 
 
-def duplicate_rows(X) -> int:
-    """Number of rows that repeat an earlier row exactly."""
+def duplicate_rows(X, chunk_elems: int = 1 << 22) -> int:
+    """Number of rows that repeat an earlier row exactly (candidate pairs are compared about
+    ``chunk_elems`` values at a time, so memory stays bounded whatever the row width)."""
     X = np.asarray(X)
     N, d = X.shape
     r = np.random.default_rng(12345).standard_normal(d)
@@ -378,9 +379,10 @@ def duplicate_rows(X) -> int:
         return 0
     # Confirm candidate pairs exactly (the random projection only proposes them), in chunks.
     first, second = order[same], order[same + 1]
+    step = max(1, int(chunk_elems) // max(1, d))
     dup = 0
-    for lo in range(0, same.size, 1 << 14):
-        a, b = X[first[lo : lo + (1 << 14)]], X[second[lo : lo + (1 << 14)]]
+    for lo in range(0, same.size, step):
+        a, b = X[first[lo : lo + step]], X[second[lo : lo + step]]
         dup += int(np.all(a == b, axis=1).sum())
     return dup
 

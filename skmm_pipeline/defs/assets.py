@@ -82,7 +82,7 @@ def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarr
     description="One delivered shard of the pool, validated; its content hash is the data version. Also scores "
     "each image's spatial structure (neighbouring-pixel correlation) for the outlier guard's input check.",
 )
-def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Output[dict]:
+def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings: SkmmSettings) -> dg.Output[dict]:
     from skmm_pipeline.core.outliers import lacks_structure
     from skmm_pipeline.data.shards import file_sha256, read_shard
 
@@ -100,9 +100,10 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.Out
         "sha256": sha,
         "structure_median": float(np.median(scores)),
         "structure_min": float(scores.min()),
-        # Relative to this shard only; the selection applies the check relative to the whole pool.
-        "lacking_structure": int(lacks_structure(scores).sum()),
     }
+    if settings.structure_threshold > 0:
+        # Relative to this shard only; the selection applies the check relative to the whole pool.
+        meta["lacking_structure"] = int(lacks_structure(scores, settings.structure_threshold).sum())
     return dg.Output(record, data_version=dg.DataVersion(sha), metadata=meta)
 
 
@@ -195,6 +196,8 @@ def gradient_sketch(
     device = resolve_device(settings.device)
     model = load_backbone(Path(pretrained_model["path"]), device)
     shard = read_shard(Path(raw_shard["path"]))
+    if shard.task == "regression":
+        check_regression_model(model, settings)
     sketcher = make_sketcher(model, settings, workspace, pretrained_model["model_id"], device).prepare(shard.images)
     identity = sketcher.identity
     labels = shard.labels if settings.label_mode == "true" else None
@@ -366,7 +369,12 @@ class EvalData:
         from skmm_pipeline.data.shards import read_shard
 
         folder = workspace.evaluation
-        if (folder / "val.npz").is_file() and (folder / "test.npz").is_file():
+        present = [name for name in ("val.npz", "test.npz") if (folder / name).is_file()]
+        if len(present) == 1:
+            missing = "test.npz" if present == ["val.npz"] else "val.npz"
+            raise ValueError(f"{folder} holds {present[0]} but no {missing}: put both evaluation splits there (e.g. "
+                             "the import_data job with role val / test), or neither to use the embedded digits splits")
+        if present:
             self.files = {"val": folder / "val.npz", "test": folder / "test.npz"}
             val, test = read_shard(self.files["val"]), read_shard(self.files["test"])
             for split, path in ((val, self.files["val"]), (test, self.files["test"])):
@@ -568,10 +576,10 @@ def _summarize(scores: dict, method: str, uniform_keys: list[str], n: int, pool_
             f"{prefix}val_{short}_skmm": sk[val],
         })
         if extra in sk:
-            uni_extra = round(float(np.mean([by_subset[k][extra] for k in uniform_keys])), 4) if uni else float("nan")
+            uni_extra = float(np.mean([by_subset[k][extra] for k in uniform_keys])) if uni else float("nan")
             if task == "classification":
-                for row, value in zip(mode_rows, (round(sk[extra], 4), uni_extra, round(full[extra], 4))):
-                    row[extra] = value
+                for row, value in zip(mode_rows, (sk[extra], uni_extra, full[extra])):
+                    row[extra] = round(value, 4)
                 metrics[f"{prefix}macro_f1_skmm"] = sk[extra]
             else:
                 metrics.update({f"{prefix}rmse_skmm": sk[extra], f"{prefix}rmse_full_pool": full[extra],
@@ -585,15 +593,22 @@ def _summarize(scores: dict, method: str, uniform_keys: list[str], n: int, pool_
     return rows, metrics, eval_rows
 
 
+def check_regression_model(model, settings: SkmmSettings) -> None:
+    """A regression pool is sketched and finetuned through a one-output head; refuse any other model."""
+    if model.num_classes != 1:
+        hint = ("the embedded small CNN keeps the 5 outputs of its digits pretraining" if settings.backbone == "small_cnn"
+                else "settings.num_classes must be 0 (one output when the evaluation splits carry targets) or 1")
+        raise ValueError(f"a regression pool (targets) needs a model with one output; the pretrained model "
+                         f"({settings.backbone}) has {model.num_classes} ({hint}): use a torchvision backbone, "
+                         "e.g. backbone='resnet18', and re-materialize pretrained_model")
+
+
 def _check_regression_setup(model, settings: SkmmSettings) -> None:
     """Refuse, before any training, what a regression run cannot do."""
     if settings.label_mode in ("random", "true"):
         raise ValueError(f"label_mode={settings.label_mode!r} takes gradients of a classification loss; a regression "
                          "pool (targets) needs label_mode='expected' (label-free): re-sketch with it")
-    if "FT-2" in FINETUNE_MODES[settings.finetune_mode] and model.num_classes != 1:
-        raise ValueError(f"FT-2 on a regression pool needs a model with one output, the pretrained model "
-                         f"({settings.backbone}) has {model.num_classes}: use a torchvision backbone with "
-                         "settings.num_classes=0 (one output for regression splits), or finetune_mode='ft1'")
+    check_regression_model(model, settings)
 
 
 @dg.asset(
