@@ -322,3 +322,44 @@ def test_shard_writing_memory_is_bounded_by_the_batch(tmp_path):
     shard_bytes = w.rows * 3 * 128 * 128 * 4
     assert w.rows == 200 and shard_bytes > 39e6
     assert peak < 0.6 * shard_bytes, f"peak {peak / 1e6:.1f} MB for a {shard_bytes / 1e6:.1f} MB shard"
+
+
+def test_reading_a_shard_maps_its_pixels_and_still_checks_them(tmp_path):
+    """read_shard memory-maps an uncompressed shard's images (memory for labels, not pixels), yet a
+    flipped byte (CRC-32) or a NaN deep in the file is refused as when the file is loaded."""
+    from skmm_pipeline.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(1500, 3, 48, 48)).astype(np.float32)  # 41 MB
+    write_shard(tmp_path / "big.npz", x, np.arange(1500) % 3)
+    tracemalloc.start()
+    try:
+        shard = read_shard(tmp_path / "big.npz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(shard.images, np.memmap) and peak < 0.25 * x.nbytes, f"peak {peak / 1e6:.1f} MB"
+    assert np.array_equal(shard.images, x) and shard.labels[:4].tolist() == [0, 1, 2, 0]
+    shard.images[0, 0, 0, 0] = 7.0  # copy-on-write: the file is never changed through the map
+    assert read_shard(tmp_path / "big.npz").images[0, 0, 0, 0] == x[0, 0, 0, 0]
+
+    raw = bytearray((tmp_path / "big.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit in the middle of the pixels
+    (tmp_path / "flipped.npz").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="CRC-32"):
+        read_shard(tmp_path / "flipped.npz")
+    (tmp_path / "cut.npz").write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(ShardError, match="unreadable or corrupt|truncated"):
+        read_shard(tmp_path / "cut.npz")
+    y = x[:300].copy()
+    y[-1, 2, 47, 47] = np.nan
+    write_shard(tmp_path / "nan.npz", y)
+    with pytest.raises(ShardError, match="NaN"):
+        read_shard(tmp_path / "nan.npz")
+    # Compressed or non-float32 shards are loaded instead, and read the same.
+    np.savez_compressed(tmp_path / "zipped.npz", images=x[:20], labels=np.zeros(20, np.int64))
+    np.savez(tmp_path / "f64.npz", images=x[:20].astype(np.float64))
+    for name in ("zipped", "f64"):
+        s = read_shard(tmp_path / f"{name}.npz")
+        assert not isinstance(s.images, np.memmap) and s.images.dtype == np.float32
+        assert np.array_equal(s.images, x[:20])

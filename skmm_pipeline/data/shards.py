@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,26 +118,78 @@ def _checked_targets(what: str, targets: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+CHECK_ELEMS = 1 << 22  # values per step of the streamed finiteness and checksum pass
+
+
+def _mapped_images(path: Path, info: zipfile.ZipInfo) -> tuple[np.memmap, bytes] | None:
+    """The ``images.npy`` member of an uncompressed ``.npz`` as a copy-on-write memory map, with the
+    bytes of its ``.npy`` header (for the checksum); ``None`` when it cannot be mapped (compressed,
+    Fortran order, not float32), and the caller loads it instead."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise ShardError(f"{path}: damaged zip entry for images.npy")
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(fh))
+        offset = fh.tell()
+        fh.seek(start)
+        header = fh.read(offset - start)
+    if fortran or dtype != np.float32 or len(shape) != 4:
+        return None
+    if offset + int(np.prod(shape)) * dtype.itemsize > path.stat().st_size:
+        raise ShardError(f"{path}: images.npy is truncated")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype=np.float32), header
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=tuple(shape)), header
+
+
 def read_shard(path: Path) -> Shard:
-    """Load and validate a shard; every problem is a :class:`ShardError` naming the file."""
+    """Load and validate a shard; every problem is a :class:`ShardError` naming the file.
+
+    ``images`` of a shard written uncompressed (as :func:`write_shard` and the converters in
+    ``data.vision`` write them) are memory-mapped (copy-on-write): reading a shard costs memory for its
+    labels, not its pixels. They are still checked in full, streamed: every value finite, and the zip
+    entry's CRC-32, so a damaged file is refused as when it is loaded."""
     path = Path(path)
     name = check_shard_name(path.stem)
     if not path.is_file():
         raise ShardError(f"shard {name!r} not found at {path}")
+    mapped = None
     try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("images.npy") if "images.npy" in zf.namelist() else None
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files if k != "images"}
+            if info is not None:
+                mapped = _mapped_images(path, info)
+                if mapped is None:
+                    arrays["images"] = z["images"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ShardError(f"shard {name!r} at {path} is unreadable or corrupt: {exc}") from exc
-    images = arrays.get("images")
+    images = mapped[0] if mapped is not None else arrays.get("images")
     if images is None:
         raise ShardError(f"shard {name!r} at {path} has no 'images' array (found {sorted(arrays)})")
     if images.ndim != 4:
         raise ShardError(f"shard {name!r}: images must be (N, C, H, W), got shape {images.shape}")
     if images.shape[0] == 0:
         raise ShardError(f"shard {name!r} at {path} is empty")
-    if not np.isfinite(images).all():
-        raise ShardError(f"shard {name!r}: images contain NaN or inf")
+    crc = zlib.crc32(mapped[1]) if mapped is not None else None
+    step = max(1, CHECK_ELEMS // max(1, int(np.prod(images.shape[1:]))))
+    for lo in range(0, images.shape[0], step):
+        block = np.asarray(images[lo : lo + step])
+        if not np.isfinite(block).all():
+            raise ShardError(f"shard {name!r}: images contain NaN or inf")
+        if crc is not None:
+            crc = zlib.crc32(block, crc)
+    if crc is not None and crc != info.CRC:
+        raise ShardError(f"shard {name!r} at {path} is corrupt: the images fail their CRC-32 check")
     labels, targets = arrays.get("labels"), arrays.get("targets")
     if labels is not None and targets is not None:
         raise ShardError(f"shard {name!r} at {path} has both 'labels' (classification) and 'targets' (regression): "
