@@ -187,3 +187,7 @@ def test_excluded_rows_are_never_selected_and_the_rest_is_the_pool():
         select("skmm", X, 10, exclude=exclude[:-1])
     with pytest.raises(InputError, match="rows left after excluding"):
         select("skmm", X, 190, exclude=exclude)
+    Z = X.copy()
+    Z[~exclude] = 0  # only excluded rows carry anything
+    with pytest.raises(InputError, match="all rows of X are zero"):
+        select("skmm", Z, 10, exclude=exclude)

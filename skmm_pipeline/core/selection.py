@@ -37,6 +37,8 @@ Input handling (checked before any method runs):
 * ``class_balanced=True`` (needs ``labels``) splits the budget over classes in proportion to their
   sizes (largest remainder, at least one per class when ``n`` allows) or as ``class_budgets`` gives
   (a dict label -> count summing to ``n``), and runs the method inside each class.
+* ``exclude`` (N booleans, e.g. images flagged by :func:`skmm_pipeline.core.outliers.lacks_structure`)
+  removes rows before anything else: class budgets and the guard see the rest as the pool.
 * ``outlier_guard=True`` (or a dict of options) first sets aside rows that stick out of the pool
   (ridge Mahalanobis distance, :mod:`skmm_pipeline.core.outliers`); they cannot be selected. With
   ``class_balanced`` the guard runs inside each class (a corrupted image with a wrong label stands out
@@ -457,31 +459,6 @@ def _select_balanced(method: str, X: np.ndarray, n: int, seed: int, labels: np.n
     return idx, {"class_balanced": True, "class_budgets": {str(c): b for c, b in budgets.items()}, "per_class": per_class}
 
 
-def _select_excluding(method: str, X: np.ndarray, n: int, seed: int, labels, exclude, options: dict) -> Selection:
-    N = X.shape[0]
-    mask = np.asarray(exclude)
-    if mask.shape != (N,) or mask.dtype != bool:
-        raise InputError(f"exclude must be {N} booleans (one per row of X), got dtype {mask.dtype} and shape {mask.shape}")
-    allowed = np.flatnonzero(~mask)
-    if allowed.size < n:
-        raise InputError(f"budget n={n} is larger than the {allowed.size} rows left after excluding {N - allowed.size} of {N}")
-    if allowed.size == N:
-        res = select(method, X, n, seed=seed, labels=labels, **options)
-        res.diagnostics["rows_excluded"] = 0
-        return res
-    sub = select(method, X[allowed], n, seed=seed, labels=None if labels is None else labels[allowed], **options)
-    idx = allowed[sub.indices]
-    weights = None
-    if sub.weights is not None:
-        weights = np.zeros(N)
-        weights[allowed] = sub.weights
-    stats = moment_stats(X)
-    diag = {**sub.diagnostics, "rows_excluded": int(N - allowed.size),
-            "moment_ratio": moment_matching.moment_ratio(X, idx, stats=stats) if stats.lam[0] > 0 else float("nan"),
-            "zero_rows": stats.zero_rows, "duplicate_rows": duplicate_rows(X)}
-    return Selection(method=method, indices=idx, diagnostics=diag, weights=weights)
-
-
 def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> Selection:
     """Select ``n`` of the ``N`` rows of ``X`` with the registered ``method``.
 
@@ -505,8 +482,6 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
         if labels.shape != (N,):
             raise InputError(f"labels must have shape ({N},), got {labels.shape}")
     exclude = options.pop("exclude", None)
-    if exclude is not None:
-        return _select_excluding(method, X, n, seed, labels, exclude, options)
     balanced = bool(options.pop("class_balanced", False))
     given_budgets = options.pop("class_budgets", None)
     if given_budgets is not None:
@@ -514,32 +489,48 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
     guard = options.pop("outlier_guard", False)
     t0 = time.perf_counter()
     stats = moment_stats(X)
+    zero_error = "all rows of X are zero (all sketched gradients are zero): there is nothing to select on"
     if stats.lam[0] <= 0 and method != "uniform":
-        raise InputError("all rows of X are zero (all sketched gradients are zero): there is nothing to select on")
-    pool, guard_diag = np.arange(N), {}
+        raise InputError(zero_error)
+    # The rows that may be selected: ``pool`` (indices into X) narrows with ``exclude``, then the guard;
+    # everything after runs on X[pool] as if it were the pool, and the indices are mapped back at the end.
+    pool, pool_diag = np.arange(N), {}
+    if exclude is not None:
+        mask = np.asarray(exclude)
+        if mask.shape != (N,) or mask.dtype != bool:
+            raise InputError(f"exclude must be {N} booleans (one per row of X), got dtype {mask.dtype} and shape {mask.shape}")
+        pool = np.flatnonzero(~mask)
+        if pool.size < n:
+            raise InputError(f"budget n={n} is larger than the {pool.size} rows left after excluding {N - pool.size} of {N}")
+        pool_diag["rows_excluded"] = int(N - pool.size)
+    sub = X if pool.size == N else X[pool]
+    if pool.size < N and method != "uniform" and not np.any(sub):
+        raise InputError(zero_error)
     if guard:
         from skmm_pipeline.core.outliers import outlier_guard
 
         if guard is not True and not isinstance(guard, dict):
             raise InputError(f"outlier_guard must be a bool or a dict of options (threshold, ridge, iterations), got {guard!r}")
         guard_opts = {} if guard is True else guard
+        keep = np.ones(pool.size, dtype=bool)
         if balanced and labels is not None:
             # Inside each class, where a corrupted image carrying a wrong label stands out; every class
-            # keeps at least its budget, and the budgets are those of the whole pool.
-            given_budgets = class_budgets(labels, n, given_budgets)
-            keep, cutoffs = np.ones(N, dtype=bool), {}
+            # keeps at least its budget, and the budgets are those of the pool before the guard.
+            work_labels = labels[pool]
+            given_budgets = class_budgets(work_labels, n, given_budgets)
+            cutoffs = {}
             for c, b in given_budgets.items():
-                rows = np.flatnonzero(labels == c)
-                res_c = outlier_guard(X[rows], b, **guard_opts)
+                rows = np.flatnonzero(work_labels == c)
+                res_c = outlier_guard(sub[rows], b, **guard_opts)
                 keep[rows] = res_c.keep
                 cutoffs[str(c)] = res_c.cutoff
-            guard_diag = {"outliers_excluded": int((~keep).sum()), "outlier_cutoff": cutoffs}
+            pool_diag.update({"outliers_excluded": int((~keep).sum()), "outlier_cutoff": cutoffs})
         else:
-            result = outlier_guard(X, n, **guard_opts)
-            keep, guard_diag = result.keep, result.diagnostics()
+            result = outlier_guard(sub, n, **guard_opts)
+            keep = result.keep
+            pool_diag.update(result.diagnostics())
         if not keep.all():
-            pool = np.flatnonzero(keep)
-    sub = X if pool.size == N else X[pool]
+            pool, sub = pool[keep], sub[keep]
     sub_labels = None if labels is None else labels[pool]
     sub_stats = stats if pool.size == N else moment_stats(sub)
     if balanced:
@@ -555,7 +546,7 @@ def select(method: str, X, n: int, *, seed: int = 0, labels=None, **options) -> 
             full = np.zeros(N)
             full[pool] = weights
             weights = full
-    diag.update(guard_diag)
+    diag.update(pool_diag)
     if idx.shape != (n,) or np.unique(idx).size != n or idx.min() < 0 or idx.max() >= N:
         raise RuntimeError(f"selector {method!r} returned {idx.size} indices ({np.unique(idx).size} unique), expected {n}")
     seconds = time.perf_counter() - t0
