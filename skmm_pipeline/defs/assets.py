@@ -479,8 +479,8 @@ def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSetti
     pool, (val_X, test_X) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
 
     if ev.task == "regression":
-        val = EvalSplit(val_X, ev.val.targets, ev.ids("val"))
-        test = EvalSplit(test_X, ev.test.targets, ev.ids("test"))
+        val = EvalSplit(val_X, ev.y("val"), ev.ids("val"))
+        test = EvalSplit(test_X, ev.y("test"), ev.ids("test"))
         ids = np.asarray(ids)
 
         def run_ridge(idx):
@@ -661,7 +661,7 @@ def finetune_eval(
 
     rows, metrics, eval_rows = _summarize(scores, method, uniform_keys, n, len(ids), task)
     metrics = {"moment_ratio": float(skmm_selection["diagnostics"]["moment_ratio"]), **metrics}
-    plot = _accuracy_plot(rows, "test_mae" if task == "regression" else "test_accuracy")
+    plot = _accuracy_plot(rows, SUMMARY_METRICS[task][0])
     params = {
         "method": method, "budget": n, "seed": settings.seed, "pool_size": len(ids),
         "sketch_kind": settings.sketch_kind, "sketch_dim": settings.sketch_dim, "label_mode": settings.label_mode,

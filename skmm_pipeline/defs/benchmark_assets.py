@@ -43,6 +43,10 @@ class BenchmarkConfig(dg.Config):
     cpu_threads: int = 1
 
 
+CLASSIFICATION_ONLY = ("selection_benchmark is classification-only (accuracy, class-balanced methods); evaluate a "
+                       "regression pool with finetune_eval (MAE)")
+
+
 def check_config(config: BenchmarkConfig) -> None:
     """Refuse a configuration the grid cannot run (before any work)."""
     from skmm_pipeline.core.comparison import FINETUNE_MODES
@@ -106,12 +110,10 @@ def selection_benchmark(
     t0 = time.perf_counter()
     ev = eval_splits(workspace)
     if ev.task != "classification":
-        raise InputError(f"selection_benchmark is classification-only (accuracy, class-balanced methods): {ev.describe()}; "
-                         "evaluate a regression pool with finetune_eval (MAE)")
+        raise InputError(f"{CLASSIFICATION_ONLY}: {ev.describe()}")
     device, model, ids, labels, images = load_labelled_pool(
         raw_shard, pretrained_model, settings, "selection_benchmark needs labelled shards to train and to score the subsets",
-        regression_error="selection_benchmark is classification-only (accuracy, class-balanced methods); evaluate a "
-        "regression pool with finetune_eval (MAE)")
+        regression_error=CLASSIFICATION_ONLY)
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
         raise ValueError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
