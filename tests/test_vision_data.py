@@ -351,6 +351,10 @@ def test_reading_a_shard_maps_its_pixels_and_still_checks_them(tmp_path):
     (tmp_path / "cut.npz").write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(ShardError, match="unreadable or corrupt|truncated"):
         read_shard(tmp_path / "cut.npz")
+    np.save(tmp_path / "plain.npy", x[:3])  # a bare .npy under a shard's name
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    with pytest.raises(ShardError, match="not an .npz"):
+        read_shard(tmp_path / "plain.npz")
     y = x[:300].copy()
     y[-1, 2, 47, 47] = np.nan
     write_shard(tmp_path / "nan.npz", y)

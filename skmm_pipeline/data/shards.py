@@ -161,11 +161,12 @@ def read_shard(path: Path) -> Shard:
     name = check_shard_name(path.stem)
     if not path.is_file():
         raise ShardError(f"shard {name!r} not found at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ShardError(f"shard {name!r} at {path} is unreadable or corrupt: not an .npz (zip) archive")
     mapped = None
     try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo("images.npy") if "images.npy" in zf.namelist() else None
         with np.load(path, allow_pickle=False) as z:
+            info = z.zip.getinfo("images.npy") if "images" in z.files else None
             arrays = {k: z[k] for k in z.files if k != "images"}
             if info is not None:
                 mapped = _mapped_images(path, info)
