@@ -113,6 +113,7 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
     targets: dict[str, object] = {}  # eval role -> row indices
     pool_idx = None
     if req.role == "pool":
+        prefix = req.prefix()
         fr = [1 - req.val_fraction - req.test_fraction, req.val_fraction, req.test_fraction]
         pool_idx, val_idx, test_idx = split_indices(n, fr, seed=req.seed, labels=labels)
         for role, idx, frac in (("val", val_idx, req.val_fraction), ("test", test_idx, req.test_fraction)):
@@ -123,7 +124,6 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
                                 f"{role} split with role '{role}'")
         if req.shards > pool_idx.size:
             raise DataError(f"{req.shards} shards for {pool_idx.size} pool rows: use fewer shards")
-        prefix = req.prefix()
         existing = [p.name for k in range(req.shards) if (p := landing_dir / f"{prefix}-{k:03d}.npz").exists()]
         if existing:
             raise ShardError(f"shard file(s) already exist in {landing_dir}, shards are immutable deliveries: "
@@ -143,7 +143,7 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "s
     try:
         if pool_idx is not None:
             stages.append(_stage(landing_dir))
-            written = write_shards(source, stages[-1], req.prefix(), n_shards=req.shards, indices=pool_idx,
+            written = write_shards(source, stages[-1], prefix, n_shards=req.shards, indices=pool_idx,
                                    on_corrupt=req.on_corrupt)
             for w in written:
                 result.skipped += len(w.skipped)
@@ -186,13 +186,14 @@ def _stage(folder: Path) -> Path:
 
 def _move_new(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, never replacing an existing ``dst`` (shards are immutable deliveries)."""
+    conflict = ShardError(f"shard file {dst} appeared during the import; shards are immutable deliveries")
     try:
         os.link(src, dst)  # fails if dst exists
     except FileExistsError:
-        raise ShardError(f"shard file {dst} appeared during the import; shards are immutable deliveries") from None
+        raise conflict from None
     except OSError:  # no hard links here: check, then rename
         if dst.exists():
-            raise ShardError(f"shard file {dst} appeared during the import; shards are immutable deliveries") from None
+            raise conflict from None
         os.replace(src, dst)
         return
     src.unlink()
