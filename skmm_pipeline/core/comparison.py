@@ -44,12 +44,12 @@ import numpy as np
 import pandas as pd
 
 from skmm_pipeline.core import selection
+from skmm_pipeline.core.finetune import FINETUNE_MODES
+from skmm_pipeline.core.selection import GROUPS, INPUTS, method_info
 from skmm_pipeline.core.validation import InputError
 
-LABEL_FREE, LABEL_USING, REFERENCE = "label-free", "label-using", "reference"
-GROUPS = (LABEL_FREE, LABEL_USING)
-INPUTS = ("any", "features")
-FINETUNE_MODES = {"ft1": ("FT-1",), "ft2": ("FT-2",), "both": ("FT-1", "FT-2")}
+LABEL_FREE, LABEL_USING = GROUPS
+REFERENCE = "reference"
 CB_SUFFIX = "-cb"
 FULL_POOL = "full-pool"
 EXCLUDED_BY_DEFAULT = ("skmm-v1-reference",)  # the research code's loop: slow, kept for reference only
@@ -63,18 +63,6 @@ TIMING_COLUMNS = ("select_seconds", "fit_seconds")
 
 # --------------------------------------------------------------------------------------------------
 # Methods
-
-
-def method_info(name: str) -> dict:
-    """``{"group": "label-free"|"label-using", "input": "any"|"features"}`` for a registered method
-    (the registry's ``selection.method_info``, checked against the groups and inputs known here)."""
-    if name not in selection.SELECTORS:
-        raise InputError(f"unknown selection method {name!r}; available: {sorted(selection.SELECTORS)}")
-    info = selection.method_info(name)
-    group, kind = info["group"], info["input"]
-    if group not in GROUPS or kind not in INPUTS:
-        raise InputError(f"method {name!r} reports group {group!r} and input {kind!r}; expected {GROUPS} and {INPUTS}")
-    return {"group": group, "input": kind}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ from torch import nn
 
 from skmm_pipeline.core.validation import InputError
 
+# settings.finetune_mode / the benchmark's finetune -> the protocols run: FT-1 (a head on frozen
+# features), FT-2 (last block + head), or both.
+FINETUNE_MODES = {"ft1": ("FT-1",), "ft2": ("FT-2",), "both": ("FT-1", "FT-2")}
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 TASKS = ("classification", "regression")

@@ -352,7 +352,6 @@ def subset_version(
     return dg.Output(record, data_version=dg.DataVersion(version.data_md5), metadata=meta)
 
 
-FINETUNE_MODES = {"ft1": ("FT-1",), "ft2": ("FT-2",), "both": ("FT-1", "FT-2")}
 # What a split carries decides the task: int "labels" (classification) or float "targets" (regression).
 CARRIES = {"classification": "class labels", "regression": "regression targets"}
 
@@ -629,7 +628,9 @@ def finetune_eval(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
+    from skmm_pipeline.core.finetune import FINETUNE_MODES
     from skmm_pipeline.core.sketch import derive_seed
+
     if settings.finetune_mode not in FINETUNE_MODES:
         raise ValueError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {settings.finetune_mode!r}")
     device, model, ids, labels, images, pool_task, pool_files = load_pool(
