@@ -16,6 +16,7 @@ from skmm_pipeline.data.vision import DataError, read_shard_sources
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.assets import shard_partitions
 from test_cli import skmm
+from test_regression import brightness_csv
 from test_vision_data import write_cifar
 
 
@@ -99,24 +100,17 @@ def test_import_refuses_bad_requests_before_writing(tmp_path):
 
 
 def test_cli_imports_a_regression_csv(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "img").mkdir()
-    lines = ["path,target"]
-    for i in range(12):
-        v = int(rng.integers(0, 256))
-        Image.fromarray(np.full((10, 10), v, dtype=np.uint8), "L").save(tmp_path / "img" / f"{i}.png")
-        lines.append(f"img/{i}.png,{v / 255:.4f}")
-    (tmp_path / "ages.csv").write_text("\n".join(lines) + "\n")
+    csv = brightness_csv(tmp_path / "ages", 12)
     root = tmp_path / "project"
     root.mkdir()
-    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(tmp_path / "ages.csv"),
+    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(csv),
                 "--shards", "2", "--val-fraction", "0.25")
     assert proc.returncode == 0, proc.stderr
     assert "ages-000" in proc.stdout and "regression" in proc.stdout
     src = read_shard_sources(root / ".skmm" / "landing" / "ages-000.npz")
     assert src.targets is not None and len(src.source_ids) == 5
     assert (root / ".skmm" / "eval" / "val.npz").is_file()
-    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(tmp_path / "ages.csv"))
+    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(csv))
     assert proc.returncode == 2 and "already exist" in proc.stderr
 
 
