@@ -73,9 +73,12 @@ def main() -> None:
     model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, seed=0)
     val_raw, test_raw = (extract_features(model, s.images) for s in (data.val, data.test))
 
-    rows, guard_rows = [], []
+    clean_flag = lacks_structure(spatial_structure(data.pool.images))  # the unpolluted pool: the same every seed
+    clean_rest = np.flatnonzero(~clean_flag)
+    rows, guard_rows, bad_rates = [], [], []
     for seed in range(args.seeds):
         cur = curation_pool(data.pool, seed=seed)
+        bad_rates.append(cur.corrupted.mean())
         pool = cur.pool
         G = GradientSketcher(model, args.sketch_dim, seed=seed).sketch(pool.images)
         feats = extract_features(model, pool.images)
@@ -93,8 +96,6 @@ def main() -> None:
             row[f"input:{what}"] = unstructured[cur.corruption == c].mean()
             row[f"both:{what}"] = flagged[cur.corruption == c].mean()
         clean_G = GradientSketcher(model, args.sketch_dim, seed=seed).sketch(data.pool.images)
-        clean_flag = lacks_structure(spatial_structure(data.pool.images))
-        clean_rest = np.flatnonzero(~clean_flag)
         row["clean_pool_flagged"] = (clean_flag.sum() + outlier_guard(clean_G[clean_rest]).excluded) / len(clean_G)
         guard_rows.append(row)
         for n in budgets:
@@ -111,14 +112,14 @@ def main() -> None:
         print(f"  seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     df = pd.DataFrame(rows)
-    base_bad = 100 * np.mean([curation_pool(data.pool, seed=s).corrupted.mean() for s in range(args.seeds)])
+    base_bad = 100 * np.mean(bad_rates)
 
     def table(col):
         g = df.groupby(["n", "method"])[col].agg(["mean", "sem"]).unstack("method")
         out = g["mean"].round(1).astype(str) + " ± " + g["sem"].round(1).astype(str)
         return out[list(METHODS)]
 
-    print(f"\nCurated pool: {len(curation_pool(data.pool, seed=0).pool.labels)} images, {args.seeds} seeds, m = {args.sketch_dim}")
+    print(f"\nCurated pool: {len(cur.pool.labels)} images, {args.seeds} seeds, m = {args.sketch_dim}")
     print(f"\ncorrupted images among the picks (%), base rate {base_bad:.1f}%:\n")
     print(table("corrupted").T.to_string())
     print("\nnear-duplicates among the picks (%), base rate 20.0%:\n")
