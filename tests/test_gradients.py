@@ -313,8 +313,11 @@ def test_engine_matches_the_pipeline_head_path_bit_for_bit():
     images = torch.randn(300, 1, 8, 8).numpy()
     legacy = sketch_head_gradients(model, images, make_sketch("gaussian", gradient_dim(128, 5, "expected"), 64, 3, "head"))
     assert np.array_equal(legacy, sketch_head_gradients(model, images, make_sketch("gaussian", 129, 64, 3, "head"), batch_size=7))
-    rows, ident = sketch_gradients(model, images, 64, kind="gaussian", seed=3)
+    rows, ident = sketch_gradients(model, images, 64, kind="gaussian", seed=3, channels_last=False)
     assert np.array_equal(rows, legacy)
+    # The default NHWC layout runs other convolution kernels: the same rows up to float rounding.
+    nhwc, _ = sketch_gradients(model, images, 64, kind="gaussian", seed=3)
+    np.testing.assert_allclose(nhwc, legacy, rtol=0, atol=1e-5 * np.abs(legacy).max())
     assert ident["blocks"] == [{"name": "head", "kind": "gaussian", "shape": [1, 129], "scale": 1.0}]
     assert ident["gradient_dim"] == 129 and len(ident["model_id"]) == 16
 

@@ -128,6 +128,14 @@ def label_weighted_delta(logits: torch.Tensor, A: torch.Tensor, W) -> torch.Tens
     return (W - A) * p - A * q
 
 
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``; to a GPU through pinned memory, so the host does not wait for the
+    device's queued work."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _check_labels(labels, B: int, K: int, device) -> torch.Tensor:
     if labels is None:
         raise InputError("label_mode='true' needs labels")
@@ -317,6 +325,21 @@ class FactorBlock:
         return torch.cat(parts)
 
 
+def _affine_batch_norm(module, inputs, output):
+    """Forward hook: an eval-mode BatchNorm on the differentiated path recomputed as its per-channel
+    affine map (the same function). Its backward is then plain products, which batch over the probes of
+    the label-free modes; the fused batch-norm backward has no batching rule and would run once per probe."""
+    x = inputs[0]
+    if module.training or module.running_var is None or not x.requires_grad:
+        return None
+    scale = torch.rsqrt(module.running_var + module.eps)
+    shift = -module.running_mean * scale
+    if module.weight is not None:
+        scale, shift = scale * module.weight, shift * module.weight + module.bias
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.to(x.dtype).reshape(shape) + shift.to(x.dtype).reshape(shape)
+
+
 class GradientFactorizer:
     """Per-sample gradient factors of a parameter set, batch by batch.
 
@@ -379,19 +402,22 @@ class GradientFactorizer:
             self._probes[key] = class_probes(self.num_classes, self.label_mode).to(device=device, dtype=dtype)
         return self._probes[key]
 
-    def cotangent(self, logits: torch.Tensor, labels=None, keys: np.ndarray | None = None) -> torch.Tensor:
-        """The per-sample gradient of the loss with respect to the logits (true / random modes)."""
+    def cotangent(self, logits: torch.Tensor, labels=None, keys: np.ndarray | None = None,
+                  labels_checked: bool = False) -> torch.Tensor:
+        """The per-sample gradient of the loss with respect to the logits (true / random modes).
+        ``labels_checked``: ``labels`` is already a long tensor of class indices on the logits' device
+        (the range check, a device synchronisation, is skipped)."""
         B, K = logits.shape
         if self.label_mode == "true":
-            return softmax_ce_delta(logits, _check_labels(labels, B, K, logits.device))
+            return softmax_ce_delta(logits, labels if labels_checked else _check_labels(labels, B, K, logits.device))
         if keys is None or len(keys) != B:
             raise InputError(
                 "label_mode='random' needs one sample id per sample: labels are drawn from (seed, sample id) "
                 "so that any split into batches or shards draws the same labels"
             )
         y, eps = draw_random_labels(keys, K, self.draws, self.seed)
-        y = torch.as_tensor(y, device=logits.device)
-        w = torch.as_tensor(eps / math.sqrt(self.draws), device=logits.device, dtype=logits.dtype)
+        y = _host_to(torch.as_tensor(y), logits.device)
+        w = _host_to(torch.as_tensor(eps / math.sqrt(self.draws), dtype=logits.dtype), logits.device)
         A = torch.zeros(B, K, device=logits.device, dtype=logits.dtype).scatter_add_(1, y, w)
         return label_weighted_delta(logits, A, w.sum(1, keepdim=True))
 
@@ -418,6 +444,9 @@ class GradientFactorizer:
             return hook
 
         handles = [mod.register_forward_hook(hook_for(n)) for n, mod in self.layers]
+        if with_grad:
+            handles += [mod.register_forward_hook(_affine_batch_norm) for mod in self.model.modules()
+                        if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
         was_training = [m.training for m in self.model.modules()]
         # Parameters never need gradients here: with them frozen, autograd records only the ops after the
         # first finetuned layer's output (marked above), not the whole body.
@@ -448,7 +477,7 @@ class GradientFactorizer:
             self._learn_structure(*self._forward(x, with_grad=True))
 
     def factors(self, x: torch.Tensor, labels=None, keys: np.ndarray | None = None, row_offset: int = 0,
-                valid_rows: int | None = None, check_finite: bool = True) -> list[FactorBlock]:
+                valid_rows: int | None = None, check_finite: bool = True, labels_checked: bool = False) -> list[FactorBlock]:
         """Gradient factors of the batch ``x``, one :class:`FactorBlock` per finetuned layer.
 
         Only the first ``valid_rows`` rows (all by default) are checked for non-finite values; the rest
@@ -472,7 +501,7 @@ class GradientFactorizer:
             P = self.probes(logits.device, logits.dtype)
             cot = None
         else:
-            cot = self.cotangent(logits.detach().float(), labels, keys)
+            cot = self.cotangent(logits.detach().float(), labels, keys, labels_checked)
         out_grads: dict[str, list[torch.Tensor]] = {}
         if deep:
             outs = [o for n in deep for _, o, _ in captured[n]]

@@ -37,6 +37,7 @@ from skmm_pipeline.core.validation import InputError
 # row the same bits wherever it sits in such a chunk, which is not true of odd small chunks.
 ROW_ALIGN = 16
 ELEMENT_BUDGET = 1 << 22  # elements per intermediate tensor, bounds the memory of one step
+DENSE_HASH_BYTES = 1 << 30  # a CountSketch runs as a GEMM on a GPU while its dense sign matrix is at most this
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -252,18 +253,18 @@ class _Hash:
         h.dim, h.m, h._dev = a.dim * b.dim, a.m, {}
         return h
 
-    def _tables(self, device, dtype):
-        key = (str(device), dtype)
+    def _tables(self, device, dtype, gather: bool):
+        key = (str(device), dtype, gather)
         if key not in self._dev:
-            if torch.device(device).type == "cpu":
+            if not gather:
                 self._dev[key] = (self.bucket, self.sign.to(dtype))
-            else:  # gather table: bucket j lists its coordinates (padded with index dim -> a zero column)
+            else:  # gather table: bucket j lists its coordinates (padded with coordinate 0 and sign 0)
                 order = torch.argsort(self.bucket, stable=True)
                 counts = torch.bincount(self.bucket, minlength=self.m)
                 width = max(1, int(counts.max()))
                 starts = torch.cumsum(counts, 0) - counts
                 slot = torch.arange(self.dim) - starts[self.bucket[order]]
-                idx = torch.full((self.m, width), self.dim, dtype=torch.long)
+                idx = torch.zeros((self.m, width), dtype=torch.long)
                 sgn = torch.zeros(self.m, width)
                 idx[self.bucket[order], slot] = order
                 sgn[self.bucket[order], slot] = self.sign[order].float()
@@ -271,13 +272,41 @@ class _Hash:
         return self._dev[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """CountSketch along the last dimension: (..., dim) -> (..., m)."""
-        first, second = self._tables(x.device, x.dtype)
-        if x.device.type == "cpu":  # index_add_ on the CPU adds in index order: deterministic
-            out = x.new_zeros(*x.shape[:-1], self.m)
-            return out.index_add_(x.ndim - 1, first, x * second)
-        xe = torch.cat([x, x.new_zeros(*x.shape[:-1], 1)], dim=-1)
-        return (xe[..., first] * second).sum(-1)
+        """CountSketch along the last dimension: (..., dim) -> (..., m), summed in at least float32."""
+        if x.device.type != "cpu":
+            if x.dtype in (torch.bfloat16, torch.float16) and self.dim * self.m * 2 <= DENSE_HASH_BYTES:
+                return self.matmul(x)
+            return self.gather(x)
+        # index_add_ on the CPU adds in index order: deterministic.
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        first, second = self._tables(x.device, x.dtype, gather=False)
+        out = x.new_zeros(*x.shape[:-1], self.m)
+        return out.index_add_(x.ndim - 1, first, x * second)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The same CountSketch as a product with its dense (dim x m) matrix of signs: for half-precision
+        ``x`` on a GPU, a tensor-core GEMM whose products are exact (a sign times a half value) and whose
+        sums are float32 (``out_dtype``), several times faster than a gather. Float32 elsewhere (tests)."""
+        key = (str(x.device), x.dtype, "dense")
+        if key not in self._dev:
+            dense = torch.zeros(self.dim, self.m)
+            dense[torch.arange(self.dim), self.bucket] = self.sign.float()
+            self._dev[key] = dense.to(device=x.device, dtype=x.dtype)
+        dense = self._dev[key]
+        flat = x.reshape(-1, self.dim)
+        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            out = torch.mm(flat, dense, out_dtype=torch.float32)
+        else:
+            out = flat.float() @ dense.float()
+        return out.reshape(*x.shape[:-1], self.m)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The same CountSketch as a gather and a sum per bucket, in a fixed order: deterministic on GPUs,
+        where an atomic scatter is not. A half-precision ``x`` is gathered as it is (multiplying by a
+        sign is exact) and summed in float32. Used on every device but the CPU; tested on the CPU."""
+        first, second = self._tables(x.device, x.dtype, gather=True)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x[..., first] * second).sum(-1, dtype=acc)
 
 
 class CountSketch(Sketch):
@@ -328,6 +357,8 @@ class TensorSketch(Sketch):
         if self.input_dim <= min(8 * P * m, ELEMENT_BUDGET):
             # Small gradient matrix, many positions (a conv layer): forming g = sum_p l_p r_p^T costs less
             # than 2P FFTs, and its composite-hash CountSketch is the same map.
+            if left.dtype not in (torch.float32, torch.float64):
+                left, right = left.float(), right.float()
             step = max(1, ELEMENT_BUDGET // self.input_dim)
             out = left.new_empty(B, m)
             for s in range(0, B, step):
@@ -337,7 +368,8 @@ class TensorSketch(Sketch):
         # Positions per step depend on (P, m) only, so the order of the sum over positions is fixed.
         pc = min(P, max(1, ELEMENT_BUDGET // (64 * m)))
         rows = max(1, ELEMENT_BUDGET // (pc * m))
-        out = left.new_empty(B, m)
+        # The factors may be half precision (autocast): their CountSketches are summed in float32.
+        out = left.new_empty(B, m, dtype=torch.float64 if left.dtype == torch.float64 else torch.float32)
         for s in range(0, B, rows):
             l, r = left[s : s + rows], right[s : s + rows]
             acc = None
@@ -350,6 +382,21 @@ class TensorSketch(Sketch):
 
 
 SKETCHES: dict[str, type[Sketch]] = {cls.kind: cls for cls in (GaussianSketch, CountSketch, TensorSketch)}
+GAUSSIAN_AUTO_BYTES = 64 << 20  # "auto" uses a dense Gaussian for flat blocks whose map is at most this big
+SMALL_BLOCK = 1 << 16  # "auto": gradient blocks up to this size are formed and CountSketched
+
+
+def resolve_kind(kind: str, shape: tuple[int, int], sketch_dim: int) -> str:
+    """The operator for one block. ``auto``: flat rows (Jacobian features) get a dense Gaussian when its
+    map is small, else CountSketch; outer products get TensorSketch, except small gradient blocks
+    (<= 65,536 entries, e.g. a small conv layer), which are cheap to form and get a CountSketch of the
+    formed rows (fully independent hashing: lower variance than TensorSketch's composite hash)."""
+    if kind != "auto":
+        return kind
+    dL, dR = shape
+    if dL == 1:
+        return "gaussian" if dR * sketch_dim * 4 <= GAUSSIAN_AUTO_BYTES else "countsketch"
+    return "countsketch" if dL * dR <= SMALL_BLOCK else "tensorsketch"
 
 
 def make_sketch(kind: str, input_dim: int, sketch_dim: int, seed: int = 0, name: str = "params", shape=None) -> Sketch:

@@ -10,10 +10,18 @@ with ``S_b`` the operator of block ``b`` (seeded by ``(seed, block name, m)``). 
 JL map of the concatenated gradient, so inner products of rows estimate those of whole gradients.
 
 Guarantees:
-- **Invariance.** A row depends on its sample alone: every model/sketch step runs on blocks of exactly
-  ``block_rows`` rows (the last one padded by repeating its last sample), random labels are drawn from
-  ``(seed, sample id)``, and the operators from their identity. Any batch size, split into shards,
-  order or process gives the same rows, bit for bit on the same device type and dtype.
+- **Invariance.** A row depends on its sample alone: every model/sketch step runs on blocks of
+  ``block_rows`` rows (the last one of a stream padded by repeating its last sample to 16, 32, 64, ...
+  rows), random labels are drawn from ``(seed, sample id)``, and the operators from their identity.
+  Any batch size, split into shards, order or process gives the same rows, bit for bit on the CPU
+  (tested across block sizes too); on a GPU bit for bit for samples in blocks of the same size, and
+  within float rounding across sizes (cuDNN's TF32 kernels differ per shape: up to 3.5e-3 relative
+  at 224 px in the H200 check of ``benchmarks/gpu_sketch.py``).
+- **Throughput.** The device never waits for the host: inputs arrive through pinned memory without
+  blocking, rows go back the same way while the next block computes, the finiteness check is a
+  device-side flag read one block later, and nothing else synchronises per block. FT-1 with the
+  label-free modes runs no backward pass. Blocks are sized from the device's free memory and halved
+  when one still runs out of it (``core.device_blocks``).
 - **Memory.** Bounded by ``block_rows``, the factor sizes and m; independent of the number of samples
   (beyond the N x m output, which can be a memory map on disk, see ``core.sketch_io``).
 - **Identity.** :attr:`GradientSketcher.identity` records everything the rows depend on (operators,
@@ -32,25 +40,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
+from collections import deque
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core.device_blocks import (
+    Block, BlockStream, cpu_block_rows, cuda_block_rows, is_out_of_memory, out_of_memory, pad_rows, smaller_block,
+    tail_rows, to_device,
+)
 from skmm_pipeline.core.gradients import FactorBlock, GradientFactorizer, explain_non_finite, sample_keys
-from skmm_pipeline.core.sketch import SKETCHES, ROW_ALIGN, Sketch, make_sketch
+from skmm_pipeline.core.sketch import SKETCHES, ROW_ALIGN, Sketch, make_sketch, resolve_kind
 from skmm_pipeline.core.validation import InputError
 
-ENGINE_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: convolutions in channels_last layout and eval-mode BatchNorm as its affine map on the differentiated
+# path (rows differ from version 1 by float rounding only; sketches of different versions are never joined).
+ENGINE_VERSION = 2
 KINDS = ("auto", *SKETCHES)
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Default rows per compute step: as many as fit an activation budget, between 64 and a cap. Large
-# steps mean few, large tensor ops (fast, and robust to a busy CPU); the budget bounds memory.
-BLOCK_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
-BLOCK_ROWS_CAP = {"cpu": 1024, "cuda": 4096}
-GAUSSIAN_AUTO_BYTES = 64 << 20  # "auto" uses a dense Gaussian for flat blocks whose map is at most this big
 
 
 def resolve_device(device=None) -> torch.device:
@@ -73,22 +86,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-SMALL_BLOCK = 1 << 16  # "auto": gradient blocks up to this size are formed and CountSketched
-
-
-def resolve_kind(kind: str, shape: tuple[int, int], sketch_dim: int) -> str:
-    """The operator for one block. ``auto``: flat rows (Jacobian features) get a dense Gaussian when its
-    map is small, else CountSketch; outer products get TensorSketch, except small gradient blocks
-    (<= 65,536 entries, e.g. a small conv layer), which are cheap to form and get a CountSketch of the
-    formed rows (fully independent hashing: lower variance than TensorSketch's composite hash)."""
-    if kind != "auto":
-        return kind
-    dL, dR = shape
-    if dL == 1:
-        return "gaussian" if dR * sketch_dim * 4 <= GAUSSIAN_AUTO_BYTES else "countsketch"
-    return "countsketch" if dL * dR <= SMALL_BLOCK else "tensorsketch"
-
-
 class GradientSketcher:
     """Sketches of per-sample gradients of a model's finetuned parameters, one m-row per sample.
 
@@ -106,11 +103,18 @@ class GradientSketcher:
     block_scales: ``{layer name: scale}`` for multi-block parameter sets, from :func:`calibrate_block_scales`.
     model_id: recorded in the identity; by default a content hash of the weights.
     device: ``None``/``"auto"`` (cuda when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    precision: ``float32``, or ``float16``/``bfloat16`` autocast of the model on a GPU (factors and
-        sketches stay float32).
-    block_rows: rows per compute step, a multiple of 16. By default it is derived from the model's
-        activation size per sample (measured once on 16 example rows; a 256 MiB budget on cpu, 2 GiB on
-        cuda; 64 to 1024/4096 rows), so it is the same for every shard of a dataset.
+    precision: ``float32``, or ``float16``/``bfloat16`` autocast of the model on a GPU (sketch sums
+        stay float32).
+    block_rows: rows per compute step, a multiple of 16. By default, on the CPU it is derived from the
+        model's activation size per sample (16 example rows, a 256 MiB budget, 64 to 1,024 rows), so it
+        is the same for every shard and machine; on a CUDA device it is measured (the peak memory of a
+        32-row block against half the free memory and 16 GiB, a power of two from 64 to 16,384 rows).
+        The last block of a stream runs on 16, 32, 64, ... rows (padded). A block that runs out of
+        device memory is redone in halves and later blocks are cut smaller. Rows are bit-identical
+        across block sizes on the CPU (tested); on CUDA, kernels chosen per shape round differently
+        (within float rounding), so pin ``block_rows`` there for rows bit-identical across runs.
+    channels_last: run a convolutional model in NHWC layout (``None``: yes; faster with CUDA's and
+        oneDNN's kernels). The layout changes rows by float rounding only.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class GradientSketcher:
         device=None,
         precision: str = "float32",
         block_rows: int | None = None,
+        channels_last: bool | None = None,
     ):
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer)) or sketch_dim <= 0:
             raise InputError(f"sketch_dim (m) must be a positive integer, got {sketch_dim!r}")
@@ -141,7 +146,10 @@ class GradientSketcher:
         if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer))
                                        or block_rows <= 0 or block_rows % ROW_ALIGN):
             raise InputError(f"block_rows must be a positive multiple of {ROW_ALIGN}, got {block_rows!r}")
-        self.model = model.to(self.device)
+        has_conv = any(isinstance(mod, nn.Conv2d) for mod in model.modules())
+        # NHWC convolutions: the fast layout of CUDA's tensor-core kernels and of oneDNN on the CPU.
+        self.channels_last = bool(has_conv and (channels_last is None or channels_last))
+        self.model = model.to(self.device, memory_format=torch.channels_last) if self.channels_last else model.to(self.device)
         self.factorizer = GradientFactorizer(model, layers, label_mode, draws, seed)
         self.sketch_dim, self.kind, self.seed = int(sketch_dim), kind, int(seed)
         self.precision = precision
@@ -175,13 +183,17 @@ class GradientSketcher:
         return out
 
     def prepare(self, example) -> "GradientSketcher":
-        """Learn the model's output structure from a few example inputs and build the operators."""
+        """Learn the model's output structure from a few example inputs, build the operators and size
+        the compute blocks (measured on the device for CUDA, see ``core.device_blocks``)."""
         if self.sketches is None:
-            if self.block_rows is None:
-                self.block_rows = self._auto_block_rows(example)
-            x = self._to_device(example[: self.block_rows])
-            with self._autocast():
-                self.factorizer.prepare(self._pad(x, self.block_rows))
+            x = pad_rows(self._put_x(example[:ROW_ALIGN]), ROW_ALIGN)
+            try:
+                with self._autocast():
+                    self.factorizer.prepare(x)
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise out_of_memory(ROW_ALIGN, exc) from exc
+                raise
             self._single_output_mode()
             self.sketches = []
             for name, shape in self.factorizer.block_shapes():
@@ -190,6 +202,8 @@ class GradientSketcher:
                                  shape=shape if kind == "tensorsketch" else None)
                 self.sketches.append((name, op))
                 self.block_shapes.append(tuple(shape))
+            if self.block_rows is None:
+                self.block_rows = self._auto_block_rows(x)
         return self
 
     def _single_output_mode(self) -> None:
@@ -208,9 +222,18 @@ class GradientSketcher:
         if f.label_mode == "expected":
             f.label_mode = "jacobian"
 
-    def _auto_block_rows(self, example) -> int:
-        """Rows per step from the bytes of all module outputs per sample (16 padded example rows)."""
-        x = self._pad(self._to_device(example[:ROW_ALIGN]), ROW_ALIGN)
+    def _auto_block_rows(self, x: torch.Tensor) -> int:
+        """CPU: from the bytes of all module outputs per sample (a function of the model alone). CUDA:
+        from the measured peak memory of a small block and the device's free memory."""
+        if self.device.type == "cuda":
+            def probe(rows: int) -> None:
+                xb = pad_rows(x, rows)[:rows]
+                lab = torch.zeros(rows, dtype=torch.long, device=self.device) if self.label_mode == "true" else None
+                keys = np.arange(rows, dtype=np.uint64) if self.label_mode == "random" else None
+                with torch.no_grad():
+                    self._compute(Block(xb, lab, keys, rows, 0), rows)
+
+            return cuda_block_rows(self.device, probe)
         total = [0]
 
         def count(module, inputs, output):
@@ -224,10 +247,7 @@ class GradientSketcher:
         finally:
             for h in handles:
                 h.remove()
-        per_sample = max(1, total[0] // ROW_ALIGN + x[0].numel() * x.element_size())
-        kind = self.device.type if self.device.type in BLOCK_BUDGET_BYTES else "cpu"
-        rows = BLOCK_BUDGET_BYTES[kind] // (4 * per_sample)  # activations, their gradients and factors
-        return int(min(BLOCK_ROWS_CAP[kind], max(64, rows // ROW_ALIGN * ROW_ALIGN)))
+        return cpu_block_rows(total[0] // len(x) + x[0].numel() * x.element_size())
 
     def _require_prepared(self):
         if self.sketches is None:
@@ -265,39 +285,114 @@ class GradientSketcher:
         dtype = PRECISIONS[self.precision]
         return torch.autocast(device_type="cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def _to_device(self, x) -> torch.Tensor:
-        t = torch.as_tensor(x)
+    def _put_x(self, x) -> torch.Tensor:
         param = next(self.model.parameters(), None)
-        if t.dtype.is_floating_point and param is not None and t.dtype != param.dtype:
-            t = t.to(param.dtype)
-        return t.to(self.device)
+        return to_device(x, self.device, None if param is None else param.dtype, self.channels_last)
 
-    @staticmethod
-    def _pad(t, rows: int):
-        if t is None or len(t) == rows:
-            return t
-        if isinstance(t, np.ndarray):
-            return np.concatenate([t, np.repeat(t[-1:], rows - len(t), axis=0)])
-        return torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
+    def _factor_blocks(self, blk: Block, rows: int | None = None, native: bool = False) -> list[FactorBlock]:
+        """The gradient factors of one block (labels already checked), computed on exactly ``rows``
+        (default ``block_rows``) rows: a short block is padded, so every block runs the same kernels.
+        Factors are float32, except that with ``native`` those of TensorSketch blocks keep the autocast
+        dtype (the sketch sums them in float32; converting first would only move more bytes)."""
+        blk = blk.padded(tail_rows(len(blk.x), rows or self.block_rows))
+        with self._autocast():
+            blocks = self.factorizer.factors(blk.x, blk.labels, blk.keys, row_offset=blk.offset, valid_rows=blk.valid,
+                                             check_finite=False, labels_checked=True)
+        out = []
+        for fb, (_, op) in zip(blocks, self.sketches):
+            keep = native and op.kind == "tensorsketch"
+            out.append(fb if keep else FactorBlock(fb.name, fb.left.float(), fb.right.float()))
+        return out
 
-    def _blocks(self, x, labels, keys, offset):
-        """Yield (valid rows, factor blocks) for fixed-size row blocks of one staged batch."""
-        R = self.block_rows
-        for t in range(0, len(x), R):
-            xb = x[t : t + R]
-            valid = len(xb)
-            lb = None if labels is None else self._pad(labels[t : t + R], R)
-            kb = None if keys is None else self._pad(keys[t : t + R], R)
-            with self._autocast():
-                blocks = self.factorizer.factors(self._pad(xb, R), lb, kb, row_offset=offset + t, valid_rows=valid,
-                                                 check_finite=False)
-            yield valid, offset + t, [FactorBlock(fb.name, fb.left.float(), fb.right.float()) for fb in blocks]
+    def _compute(self, blk: Block, rows: int | None = None) -> torch.Tensor:
+        """The sketch rows of one block (valid rows only), left on the device; nothing waits for them."""
+        blocks = self._factor_blocks(blk, rows, native=True)
+        acc = None
+        for fb, (_, op) in zip(blocks, self.sketches):
+            y = op.apply_outer(fb.left, fb.right, check_finite=False)
+            scale = self.block_scales.get(fb.name)
+            y = y if scale is None else y * scale  # the sketch is linear: scale its m values, not the factors
+            acc = y if acc is None else acc + y
+        return acc[: blk.valid]
 
-    def _non_finite(self, blocks, valid, offset):
-        f = self.factorizer
-        explain_non_finite(blocks, f.label_free, f.logits_layer, valid, offset)
-        raise InputError(f"non-finite gradient sketch rows in samples {offset}..{offset + valid - 1} "
-                         "(overflow of finite gradients?)")
+    def _launch(self, blk: Block) -> list[tuple]:
+        """Queue one block: its rows, a device-side finiteness flag and their copy to pinned host memory.
+        A block that runs out of device memory is redone as halves, and later blocks are cut smaller."""
+        if blk.valid > self.block_rows:  # cut before a back-off
+            return [p for part in blk.split(self.block_rows) for p in self._launch(part)]
+        try:
+            with torch.no_grad():
+                rows = self._compute(blk)
+                finite = torch.isfinite(rows).all()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = self.block_rows
+            self.block_rows = smaller_block(failed, exc)
+            log.warning("out of device memory with blocks of %d rows: continuing with %d", failed, self.block_rows)
+            rows = None
+        if rows is None:  # retried here, once the failed attempt's tensors (held by the exception) are freed
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return [p for part in blk.split(self.block_rows) for p in self._launch(part)]
+        if self.device.type != "cuda":
+            return [(blk, rows, finite, None)]
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return [(blk, host, finite, done)]
+
+    def _finish(self, launched: tuple) -> tuple[int, np.ndarray]:
+        blk, host, finite, done = launched
+        if done is not None:
+            done.synchronize()
+        if not bool(finite):  # one cheap scan of the output: a NaN/inf anywhere in a sample's factors reaches its row
+            f = self.factorizer
+            with torch.no_grad():
+                explain_non_finite(self._factor_blocks(blk), f.label_free, f.logits_layer, blk.valid, blk.offset)
+            raise InputError(f"non-finite gradient sketch rows in samples {blk.offset}..{blk.offset + blk.valid - 1} "
+                             "(overflow of finite gradients?)")
+        return blk.offset, host.numpy()
+
+    def _rows(self, batches: Iterable) -> Iterator[tuple[int, np.ndarray]]:
+        """``(offset, rows)`` of every block of a stream of checked ``(x, labels, keys)`` batches, in order.
+        One block stays in flight while the previous one is handed out, so the device never waits."""
+        in_flight: list[tuple] = []
+        for blk in BlockStream(lambda: self.block_rows, self._put)(batches):
+            in_flight.extend(self._launch(blk))
+            while len(in_flight) > 1:
+                yield self._finish(in_flight.pop(0))
+        while in_flight:
+            yield self._finish(in_flight.pop(0))
+
+    def _put(self, x, labels, keys):
+        return self._put_x(x), labels, keys
+
+    def _labels(self, labels, n: int) -> torch.Tensor:
+        """True labels (array, list or tensor on any device) as a long tensor on the device, range-checked."""
+        t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise InputError(f"labels must be integer class indices, got dtype {t.dtype}")
+        if t.shape != (n,):
+            raise InputError(f"labels must be a vector of {n} class indices, got shape {tuple(t.shape)}")
+        K = self.factorizer.num_classes
+        if n and (int(t.min()) < 0 or int(t.max()) >= K):  # host labels: no device sync
+            raise InputError(f"labels must be class indices in [0, {K}), got values in [{int(t.min())}, {int(t.max())}]")
+        return to_device(t.long(), self.device)
+
+    def _checked(self, batches: Iterable, sizes: deque | None = None) -> Iterator[tuple]:
+        """Normalise batches ``x`` or ``(x, labels, sample_ids)`` to checked ``(x, labels, keys)``."""
+        for batch in batches:
+            x, labels, ids = (batch, None, None) if not isinstance(batch, (tuple, list)) else (tuple(batch) + (None, None))[:3]
+            if sizes is not None:
+                sizes.append(len(x))
+            if len(x) == 0:
+                yield x, None, None
+                continue
+            self.prepare(x)
+            lab, keys = self._check_labels_ids(len(x), labels, ids)
+            yield x, lab, keys
 
     def _check_labels_ids(self, n: int, labels, sample_ids, convert: bool = True):
         if self.label_mode == "true":
@@ -314,40 +409,35 @@ class GradientSketcher:
                 )
             if len(sample_ids) != n:
                 raise InputError(f"got {len(sample_ids)} sample ids for {n} samples")
+            if isinstance(sample_ids, torch.Tensor):
+                sample_ids = sample_ids.detach().cpu().numpy()
             keys = sample_keys(sample_ids) if convert else None
         if not convert or labels is None or self.label_mode != "true":
             return None, keys
-        lab = torch.as_tensor(np.asarray(labels)).to(self.device)
-        return lab, keys
+        return self._labels(labels, n), keys
 
     def sketch_stream(self, batches: Iterable) -> Iterator[np.ndarray]:
         """Sketch an iterable of batches ``x`` or ``(x, labels, sample_ids)``; yields one float32 array of
-        rows per batch. Memory does not depend on how many batches there are."""
-        offset = 0
-        for batch in batches:
-            x, labels, ids = (batch, None, None) if not isinstance(batch, (tuple, list)) else (tuple(batch) + (None, None))[:3]
-            if len(x) == 0:
-                yield np.empty((0, self.sketch_dim), np.float32)
-                continue
-            self.prepare(x)
-            lab, keys = self._check_labels_ids(len(x), labels, ids)
-            xt = self._to_device(x)
-            rows = []
-            with torch.no_grad():
-                for valid, start, blocks in self._blocks(xt, lab, keys, offset):
-                    acc = None
-                    for fb, (_, op) in zip(blocks, self.sketches):
-                        scale = self.block_scales.get(fb.name)
-                        left = fb.left if scale is None else fb.left * scale
-                        y = op.apply_outer(left, fb.right, check_finite=False)
-                        acc = y if acc is None else acc + y
-                    acc = acc[:valid]
-                    # One cheap scan of the output: a NaN/inf anywhere in a sample's factors reaches its row.
-                    if not torch.isfinite(acc).all():
-                        self._non_finite(blocks, valid, start)
-                    rows.append(acc.float().cpu().numpy())
-            offset += len(x)
-            yield np.concatenate(rows) if len(rows) > 1 else rows[0]
+        rows per batch (once the block holding its last row is done). Memory does not depend on how many
+        batches there are; inputs and labels may be arrays or tensors on any device."""
+        sizes: deque = deque()
+        parts: list[np.ndarray] = []
+        have = 0
+        for _, rows in self._rows(self._checked(batches, sizes)):
+            parts.append(rows)
+            have += len(rows)
+            while sizes and have >= sizes[0]:
+                n = sizes.popleft()
+                if n == 0:
+                    yield np.empty((0, self.sketch_dim), np.float32)
+                    continue
+                joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                parts = [joined[n:]] if n < len(joined) else []
+                have -= n
+                yield np.array(joined[:n], dtype=np.float32)
+        while sizes:  # trailing empty batches
+            sizes.popleft()
+            yield np.empty((0, self.sketch_dim), np.float32)
 
     def sketch(self, inputs, labels=None, sample_ids=None, batch_size: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Sketch a whole dataset (N x ...): returns ``out`` (N x m float32; allocated when not given,
@@ -358,19 +448,31 @@ class GradientSketcher:
             raise InputError("no samples to sketch")
         self._check_labels_ids(N, labels, sample_ids, convert=False)
         self.prepare(inputs)
-        if out is None:
-            out = np.empty((N, self.sketch_dim), dtype=np.float32)
-        elif out.shape != (N, self.sketch_dim) or out.dtype != np.float32:
-            raise InputError(f"out must be a float32 array of shape {(N, self.sketch_dim)}, got {out.dtype} {out.shape}")
         stage = self._stage_rows(batch_size)
-        spans = [(s, min(N, s + stage)) for s in range(0, N, stage)]
 
         def batches():
-            for s, e in spans:
-                yield (inputs[s:e], None if labels is None else labels[s:e], None if sample_ids is None else sample_ids[s:e])
+            for s in range(0, N, stage):
+                yield (inputs[s : s + stage], None if labels is None else labels[s : s + stage],
+                       None if sample_ids is None else sample_ids[s : s + stage])
 
-        for (s, e), rows in zip(spans, self.sketch_stream(batches())):
-            out[s:e] = rows
+        return self.sketch_into(batches(), N, out)
+
+    def sketch_into(self, batches: Iterable, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Write the rows of ``n`` samples given as batches ``(x, labels, sample_ids)`` (e.g. from a
+        ``torch.utils.data.DataLoader``) into ``out`` (n x m float32, allocated when not given) as each
+        block completes."""
+        if out is None:
+            out = np.empty((n, self.sketch_dim), dtype=np.float32)
+        elif out.shape != (n, self.sketch_dim) or out.dtype != np.float32:
+            raise InputError(f"out must be a float32 array of shape {(n, self.sketch_dim)}, got {out.dtype} {out.shape}")
+        done = 0
+        for offset, rows in self._rows(self._checked(batches)):
+            if offset + len(rows) > n:
+                raise InputError(f"the batches hold more than the {n} samples announced")
+            out[offset : offset + len(rows)] = rows
+            done = offset + len(rows)
+        if done != n:
+            raise InputError(f"the batches held {done} samples, {n} were announced")
         return out
 
     def _stage_rows(self, batch_size) -> int:
@@ -381,38 +483,39 @@ class GradientSketcher:
         return int(batch_size)
 
     # ---------------------------------------------------------------------------------------------
+    def _factor_stream(self, inputs, labels, sample_ids, batch_size=None) -> Iterator[tuple[Block, list[FactorBlock]]]:
+        """Blocks of ``inputs`` with their checked, float32 gradient factors (for the dense references)."""
+        self.prepare(inputs)
+        self._check_labels_ids(len(inputs), labels, sample_ids, convert=False)
+        stage = self._stage_rows(batch_size)
+        batches = ((inputs[s : s + stage], None if labels is None else labels[s : s + stage],
+                    None if sample_ids is None else sample_ids[s : s + stage]) for s in range(0, len(inputs), stage))
+        f = self.factorizer
+        with torch.no_grad():
+            for blk in BlockStream(lambda: self.block_rows, self._put)(self._checked(batches)):
+                blocks = self._factor_blocks(blk)
+                explain_non_finite(blocks, f.label_free, f.logits_layer, blk.valid, blk.offset)
+                yield blk, blocks
+
     def gradients(self, inputs, labels=None, sample_ids=None) -> torch.Tensor:
         """The per-sample gradient rows (N x r, block scales applied, float32 on the CPU), materialised.
         For small data, tests and dense references only."""
-        self.prepare(inputs)
-        lab, keys = self._check_labels_ids(len(inputs), labels, sample_ids)
         parts = []
-        with torch.no_grad():
-            for valid, start, blocks in self._blocks(self._to_device(inputs), lab, keys, 0):
-                explain_non_finite(blocks, self.factorizer.label_free, self.factorizer.logits_layer, valid, start)
-                cols = []
-                for fb in blocks:
-                    g = torch.einsum("bpo,bpj->boj", fb.left[:valid], fb.right[:valid]).reshape(valid, -1)
-                    cols.append(g * self.block_scales.get(fb.name, 1.0))
-                parts.append(torch.cat(cols, dim=1).cpu())
+        for blk, blocks in self._factor_stream(inputs, labels, sample_ids):
+            cols = []
+            for fb in blocks:
+                g = torch.einsum("bpo,bpj->boj", fb.left[: blk.valid], fb.right[: blk.valid]).reshape(blk.valid, -1)
+                cols.append(g * self.block_scales.get(fb.name, 1.0))
+            parts.append(torch.cat(cols, dim=1).cpu())
         return torch.cat(parts)
 
     def block_energy(self, inputs, labels=None, sample_ids=None, batch_size: int | None = None) -> dict[str, float]:
         """Mean squared gradient norm of each (unscaled) parameter block over ``inputs``."""
-        self.prepare(inputs)
-        lab, keys = self._check_labels_ids(len(inputs), labels, sample_ids)
         totals: dict[str, float] = {n: 0.0 for n in self.layer_names}
-        stage = self._stage_rows(batch_size)
-        with torch.no_grad():
-            for s in range(0, len(inputs), stage):
-                x = self._to_device(inputs[s : s + stage])
-                lb = None if lab is None else lab[s : s + stage]
-                kb = None if keys is None else keys[s : s + stage]
-                for valid, start, blocks in self._blocks(x, lb, kb, s):
-                    explain_non_finite(blocks, self.factorizer.label_free, self.factorizer.logits_layer, valid, start)
-                    for fb in blocks:
-                        sq = FactorBlock(fb.name, fb.left[:valid].double(), fb.right[:valid].double()).sq_norms()
-                        totals[fb.name] += float(sq.sum())
+        for blk, blocks in self._factor_stream(inputs, labels, sample_ids, batch_size):
+            for fb in blocks:
+                sq = FactorBlock(fb.name, fb.left[: blk.valid].double(), fb.right[: blk.valid].double()).sq_norms()
+                totals[fb.name] += float(sq.sum())
         return {n: v / len(inputs) for n, v in totals.items()}
 
 
