@@ -199,7 +199,8 @@ def test_torchvision_backbone_on_image_shards(versioned_project):
 
 
 def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
-    """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's."""
+    """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's, read
+    through the shard reader's threads in odd batches, computed in other blocks."""
     from skmm_pipeline.core.sketch_engine import GradientSketcher
     from skmm_pipeline.core.sketch_io import read_sketch_shard
     from skmm_pipeline.data.digits import write_digits_shards
@@ -208,7 +209,8 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     from skmm_pipeline.models.backbones import load_backbone
 
     settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
-                            sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64)
+                            sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64,
+                            batch_size=7, loader_workers=2, sketch_block_rows=48)  # reader threads, odd batches
     defs = build_definitions(project, settings=settings)
     ws = defs.resources["workspace"]
     names = write_digits_shards(ws.landing)

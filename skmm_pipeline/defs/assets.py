@@ -84,14 +84,15 @@ def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarr
 )
 def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings: SkmmSettings) -> dg.Output[dict]:
     from skmm_pipeline.core.outliers import lacks_structure
-    from skmm_pipeline.data.shards import file_sha256, read_shard
+    from skmm_pipeline.data.shards import file_sha256, file_signature, read_shard
 
     name = context.partition_key
     path = workspace.shard_path(name)
+    signature = file_signature(path) if path.is_file() else None
     shard = read_shard(path)
     sha = file_sha256(path)
     scores = structure_scores(workspace, name, sha, shard.images)
-    record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images))}
+    record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images)), "signature": signature}
     meta = {
         "rows": record["rows"],
         "image_shape": str(tuple(shard.images.shape[1:])),
@@ -164,6 +165,22 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
                                   seed=settings.seed, device=device)
 
 
+def read_unchanged_shard(record: dict):
+    """The shard ``raw_shard`` validated, without a second pass over its pixels when the file is unchanged
+    since (same :func:`~skmm_pipeline.data.shards.file_signature`); a rewritten file is refused."""
+    from skmm_pipeline.data.shards import ShardError, file_signature, read_shard
+
+    path = Path(record["path"])
+    if not path.is_file():
+        raise ShardError(f"shard {record['name']!r} is gone from {path} since raw_shard validated it")
+    if record.get("signature") is None:  # a record from before signatures: verify again
+        return read_shard(path)
+    if file_signature(path) != record["signature"]:
+        raise ShardError(f"shard {record['name']!r} at {path} changed after raw_shard validated it: "
+                         "materialize raw_shard for this partition again")
+    return read_shard(path, verify=False)
+
+
 def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id: str, device):
     """The run's one :class:`GradientSketcher`, configured by the settings."""
     from skmm_pipeline.core.sketch_engine import GradientSketcher
@@ -172,39 +189,40 @@ def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id:
         model, settings.sketch_dim, kind=settings.sketch_kind, seed=settings.seed, layers=settings.sketch_layers,
         label_mode=settings.label_mode, draws=settings.label_draws,
         block_scales=block_scales_for(model, settings, workspace, device), model_id=model_id, device=device,
-        precision=settings.precision,
+        precision=settings.precision, block_rows=settings.sketch_block_rows or None,
     )
 
 
 @dg.asset(
     partitions_def=shard_partitions,
     group_name="skmm",
-    code_version="2",
+    code_version="3",
     pool="gpu",
     kinds={"pytorch"},
     description="Per-sample gradients of the finetuned parameters (settings.sketch_layers) of one shard, never "
-    "materialised: streamed through the run's one seeded sketch into a memory-mapped shard file with its identity.",
+    "materialised: the shard read ahead by reader threads into pinned memory, streamed through the run's one "
+    "seeded sketch on the device into a memory-mapped shard file with its identity.",
 )
 def gradient_sketch(
     context: dg.AssetExecutionContext, raw_shard: dict, pretrained_model: dict, settings: SkmmSettings, workspace: Workspace
 ) -> dg.Output[dict]:
     from skmm_pipeline.core.sketch_engine import resolve_device
     from skmm_pipeline.core.sketch_io import SketchShardWriter, identity_hash
-    from skmm_pipeline.data.shards import read_shard
+    from skmm_pipeline.data.loader import sketch_shard
     from skmm_pipeline.models.backbones import load_backbone
 
     device = resolve_device(settings.device)
     model = load_backbone(Path(pretrained_model["path"]), device)
-    shard = read_shard(Path(raw_shard["path"]))
+    shard = read_unchanged_shard(raw_shard)
     if shard.task == "regression":
         check_regression_model(model, settings)
     sketcher = make_sketcher(model, settings, workspace, pretrained_model["model_id"], device).prepare(shard.images)
     identity = sketcher.identity
-    labels = shard.labels if settings.label_mode == "true" else None
     t0 = time.perf_counter()
     stem = workspace.artifacts / "sketches" / identity_hash(identity) / shard.name
     with SketchShardWriter(stem, identity, shard.ids, settings.sketch_dim) as writer:
-        sketcher.sketch(shard.images, labels=labels, sample_ids=shard.ids, batch_size=settings.batch_size, out=writer.rows)
+        sketch_shard(sketcher, shard, writer.rows, batch_size=settings.batch_size, labels=settings.label_mode == "true",
+                     workers=None if settings.loader_workers < 0 else settings.loader_workers)
     seconds = time.perf_counter() - t0
     version = _json_hash([identity, raw_shard["sha256"]])
     rows = len(shard.ids)
@@ -228,6 +246,7 @@ def gradient_sketch(
             "label_mode": settings.label_mode,
             "device": str(device),
             "precision": settings.precision,
+            "block_rows": sketcher.block_rows,
             "seconds": seconds,
             "samples_per_second": rows / max(seconds, 1e-9),
             "path": dg.MetadataValue.path(str(stem)),

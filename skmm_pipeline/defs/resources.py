@@ -45,7 +45,12 @@ class SkmmSettings(dg.ConfigurableResource):
     calibration_rows: int = 512
     precision: str = "float32"
     device: str = "auto"
+    # Images read per batch from a shard, by loader_workers threads (-1: none on the CPU, half the
+    # cores up to 8 on a GPU). The engine computes in its own blocks of sketch_block_rows rows
+    # (0: sized from the model on the CPU, from free memory on a GPU); neither changes the rows on the CPU.
     batch_size: int = 512
+    loader_workers: int = -1
+    sketch_block_rows: int = 0
     pretrain_epochs: int = 40
     uniform_repeats: int = 5
     min_moment_ratio: float = 0.1
