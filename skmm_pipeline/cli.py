@@ -58,13 +58,12 @@ def _cmd_select(args) -> int:
 
     from skmm_pipeline.core.selection import as_selection_matrix, select
     from skmm_pipeline.core.validation import InputError
+    from skmm_pipeline.file_io import ResultPaths, check_fits, read_npy
 
-    try:
-        X = np.load(args.input, allow_pickle=False, mmap_mode="r")
-    except ValueError as exc:
-        raise InputError(f"cannot read {args.input} as a numeric .npy array: {exc}") from None
+    paths = ResultPaths.plan(args.output, (args.input, args.labels, args.images), force=args.force)
+    X = read_npy(args.input, "--input")
     input_shape = list(X.shape)
-    labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+    labels = None if args.labels is None else np.asarray(read_npy(args.labels, "--labels", kinds="iu"))
     options = dict(_parse_option(o) for o in args.option)
     if args.class_balanced:
         options["class_balanced"] = True
@@ -77,6 +76,8 @@ def _cmd_select(args) -> int:
         from skmm_pipeline.core.sketch import make_sketch
 
         X = as_selection_matrix(X, "input")  # finite, 2-D: fail with the row number before sketching
+        # The N x m sketch, plus one 4,096-row block of the Gaussian map at a time.
+        check_fits(4 * args.sketch_dim * (X.shape[0] + min(X.shape[1], 4096)), f"--sketch-dim {args.sketch_dim}")
         sk = make_sketch("gaussian", X.shape[1], args.sketch_dim, args.seed, args.sketch_name)
         out = np.empty((X.shape[0], sk.sketch_dim), dtype=np.float32)
         for lo in range(0, X.shape[0], 4096):
@@ -89,18 +90,12 @@ def _cmd_select(args) -> int:
 
         if not args.outlier_guard:
             raise InputError("--images is used by the input check of --outlier-guard; pass --outlier-guard too")
-        try:
-            images = np.load(args.images, allow_pickle=False, mmap_mode="r")
-        except ValueError as exc:
-            raise InputError(f"cannot read {args.images} as a numeric .npy array: {exc}") from None
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] != input_shape[0]:
+        images = read_npy(args.images, "--images")
+        if images.ndim != 4 or images.shape[0] != input_shape[0]:
             raise InputError(f"--images must be a .npy array of {input_shape[0]} x C x H x W (one image per input "
-                             f"row), got {getattr(images, 'shape', type(images).__name__)}")
+                             f"row), got {images.shape}")
         extra["exclude"] = lacks_structure(spatial_structure(images))
     result = select(args.method, X, args.n, seed=args.seed, labels=labels, **options, **extra)
-    out_path = Path(args.output)
-    np.save(out_path, result.indices)
-    sidecar = out_path.with_suffix(".json")
     record = {
         "method": result.method,
         "n": args.n,
@@ -112,12 +107,8 @@ def _cmd_select(args) -> int:
         "sketch": sketch_identity,
         **result.diagnostics,
     }
-    if result.weights is not None:
-        weights_path = out_path.with_name(out_path.stem + ".weights.npy")
-        np.save(weights_path, result.weights)
-        record["weights_file"] = str(weights_path)
-    sidecar.write_text(json.dumps(_json_safe(record), indent=2))
-    print(f"wrote {len(result.indices)} indices to {out_path} and diagnostics to {sidecar}")
+    paths.write(result.indices, _json_safe(record), result.weights)
+    print(f"wrote {len(result.indices)} indices to {paths.indices} and diagnostics to {paths.diagnostics}")
     return 0
 
 
@@ -349,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "without the pool's spatial structure (noise, salt-and-pepper, blank) are set aside too")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option c_S=0.9 --option rounding=pipage (repeatable)")
-    s.add_argument("--output", required=True, help="where to write the indices (.npy); the sidecar is .json")
+    s.add_argument("--output", required=True,
+                   help="where to write the indices (<name>.npy); diagnostics go to <name>.json and relaxed weights "
+                   "to <name>.weights.npy. An input or an existing result is never replaced without --force")
+    s.add_argument("--force", action="store_true", help="replace existing result files (never an input)")
     s.set_defaults(func=_cmd_select)
 
     sh = sub.add_parser("shards", help="land shards: a demo delivery, or a local dataset")
@@ -395,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         from skmm_pipeline.data.vision import DataError
         from skmm_pipeline.demo import SetupError
 
-        known = (InputError, ShardError, DataError, SetupError, FileNotFoundError)
+        known = (InputError, ShardError, DataError, SetupError, FileNotFoundError, PermissionError, IsADirectoryError,
+                 NotADirectoryError)
         try:
             from skmm_pipeline.versioning.dvc_store import SubsetVersionError
 

@@ -63,6 +63,7 @@ def test_select_with_images_sets_aside_noise_images(tmp_path):
     diag = json.loads(out.with_suffix(".json").read_text())
     assert diag["rows_excluded"] == 8 and diag["images"] == str(tmp_path / "images.npy")
     np.save(tmp_path / "short.npy", images[:10])
+    args = (*args, "--force")  # the same output again
     proc = skmm(*args, "--images", str(tmp_path / "short.npy"))
     assert proc.returncode == 2 and "one image per input row" in proc.stderr
     np.savez(tmp_path / "images.npz", images=images)
@@ -81,6 +82,52 @@ def test_select_bad_input_gives_one_clear_line(tmp_path):
         proc = skmm("select", "--input", str(tmp_path / f"{name}.npy"), "--n", n, "--output", str(tmp_path / "o.npy"))
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_select_never_destroys_a_file_and_refuses_bad_files_in_one_line(tmp_path):
+    X = np.random.default_rng(0).normal(size=(40, 5))
+    np.save(tmp_path / "X.npy", X)
+    before = (tmp_path / "X.npy").read_bytes()
+    base = ("select", "--input", str(tmp_path / "X.npy"), "--n", "5")
+
+    def refused(*args, msg):
+        proc = skmm(*base, *args) if args and args[0] == "--output" else skmm(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert msg in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        return proc
+
+    refused("--output", str(tmp_path / "X.npy"), msg="would replace the input")
+    assert (tmp_path / "X.npy").read_bytes() == before
+    refused("--output", str(tmp_path / "idx.json"), msg="--output must name a .npy file")
+    refused("--output", str(tmp_path / "missing" / "idx.npy"), msg="does not exist")
+    np.save(tmp_path / "labels.npy", np.arange(40) % 3)
+    refused("--output", str(tmp_path / "labels.npy"), "--labels", str(tmp_path / "labels.npy"), msg="would replace the input")
+    out = tmp_path / "idx.npy"
+    assert skmm(*base, "--output", str(out)).returncode == 0
+    first = out.read_bytes()
+    refused("--output", str(out), "--seed", "3", msg="exists: pass --force")
+    assert out.read_bytes() == first
+    out.unlink()
+    refused("--output", str(out), "--seed", "3", msg="idx.json exists: pass --force")  # the sidecar alone counts too
+    proc = skmm(*base, "--output", str(out), "--seed", "3", "--force")
+    assert proc.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["seed"] == 3
+    # Inputs that are not what they should be: one line each, nothing written.
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "complex.npy", X.astype(np.complex64))
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}] * 40, dtype=object), allow_pickle=True)
+    np.save(tmp_path / "float_labels.npy", np.arange(40) / 2)
+    out2 = tmp_path / "o.npy"
+    for args, msg in (
+        (("--input", str(tmp_path / "folder")), "is a directory"),
+        (("--input", str(tmp_path / "complex.npy")), "complex64 values: real numbers expected"),
+        (("--input", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "pickled.npy"), "--class-balanced"),
+         "cannot read --labels"),
+        (("--input", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "float_labels.npy"), "--class-balanced"),
+         "float64 values: integers expected"),
+        (("--input", str(tmp_path / "X.npy"), "--sketch-dim", "4000000000"), "GiB of memory and"),
+    ):
+        refused("select", "--n", "5", "--output", str(out2), *args, msg=msg)
+    assert not out2.exists() and not out2.with_suffix(".json").exists()
 
 
 def test_versions_list_on_a_repo_without_versions(project):
