@@ -189,7 +189,7 @@ def test_eval_splits_and_pool_decide_the_task_and_refuse_mixtures(tmp_path):
     assert task == "regression" and ids[:2] == ["a/0", "a/1"] and y.tolist() == [1] * 5 + [0] * 5
     with pytest.raises(ValueError, match="benchmark is classification-only: the pool shards carry regression targets"):
         load_labelled_pool(raw, {"path": str(model_path)}, settings, "unlabelled", "benchmark is classification-only")
-    write_shard(ws.landing / "b.npz", images, np.zeros(5))
+    write_shard(ws.landing / "b.npz", images, np.zeros(5, dtype=np.int64))
     with pytest.raises(ValueError, match="pool shards disagree on the task") as exc:
         load_pool(raw, {"path": str(model_path)}, settings, "unlabelled")
     assert "a.npz" in str(exc.value) and "b.npz" in str(exc.value)
@@ -313,12 +313,11 @@ def test_regression_eval_splits_with_a_classification_pool_are_refused(versioned
     for split in ("val", "test"):
         write_shard(ws.evaluation / f"{split}.npz", rng.normal(size=(6, 3, 32, 32)), targets=rng.normal(size=6))
     with dg.instance_for_test() as instance:
-        reselect = run_graph(defs, instance, ["cls-a", "cls-b"])
-        with pytest.raises(ValueError, match="disagree on the task") as exc:
-            reselect.execute_in_process(instance=instance)
-    message = str(exc.value)
-    assert "cls-a.npz" in message and "carry class labels" in message
-    assert "val.npz" in message and "test.npz" in message and "regression targets" in message
+        # The data contract refuses the first shard as it lands, before anything is sketched or versioned.
+        with pytest.raises(ShardError, match="shard 'cls-a' carries class labels but the evaluation splits carry "
+                                             "regression targets: give every shard regression targets"):
+            run_graph(defs, instance, ["cls-a", "cls-b"])
+    assert SubsetStore(str(project)).list_versions() == []
 
 
 def test_regression_with_a_multi_output_model_is_refused_before_sketching(project):
@@ -327,6 +326,8 @@ def test_regression_with_a_multi_output_model_is_refused_before_sketching(projec
     defs = build_definitions(project, settings=SkmmSettings(pretrain_epochs=1))
     ws = defs.resources["workspace"]
     write_shard(ws.landing / "ages-000.npz", rng.uniform(size=(12, 1, 8, 8)), targets=rng.normal(size=12))
+    for split in ("val", "test"):  # regression splits, so the shard meets the data contract and reaches the model
+        write_shard(ws.evaluation / f"{split}.npz", rng.uniform(size=(6, 1, 8, 8)), targets=rng.normal(size=6))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(shard_partitions.name, ["ages-000"])
         assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success

@@ -38,6 +38,7 @@ class Shard:
     images: np.ndarray  # (N, C, H, W) float32
     labels: np.ndarray | None  # (N,) int64, or None for an unlabelled pool
     targets: np.ndarray | None = None  # (N,) float32 regression targets (then labels is None)
+    max_abs: float | None = None  # the largest |pixel|, when the pixels were read to verify them
 
     @property
     def ids(self) -> list[str]:
@@ -105,7 +106,10 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None
     if labels is not None and targets is not None:
         raise ShardError(f"shard {name!r}: give labels (classification) or targets (regression), not both")
     if labels is not None:
-        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise ShardError(f"shard {name!r}: labels must be integer class indices, got dtype {labels.dtype}")
+        arrays["labels"] = labels.astype(np.int64)
     if targets is not None:
         arrays["targets"] = _checked_targets(f"shard {name!r}", np.asarray(targets), len(arrays["images"]))
     atomic_save_npz(Path(path), **arrays)
@@ -192,10 +196,12 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
         raise ShardError(f"shard {name!r} at {path} is empty")
     crc = zlib.crc32(mapped[1]) if mapped is not None else None
     step = max(1, CHECK_ELEMS // max(1, int(np.prod(images.shape[1:]))))
-    for lo in range(0, images.shape[0] if verify or mapped is None else 0, step):
+    peak = 0.0 if verify or mapped is None else None
+    for lo in range(0, images.shape[0] if peak is not None else 0, step):
         block = np.asarray(images[lo : lo + step])
         if not np.isfinite(block).all():
             raise ShardError(f"shard {name!r}: images contain NaN or inf")
+        peak = max(peak, float(block.max()), -float(block.min()))  # no |block| temporary
         if crc is not None:
             crc = zlib.crc32(block, crc)
     if crc is not None and (verify or mapped is None) and crc != info.CRC:
@@ -206,7 +212,13 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
                          "a shard carries one of them")
     if labels is not None and labels.shape != (images.shape[0],):
         raise ShardError(f"shard {name!r}: labels shape {labels.shape} does not match {images.shape[0]} images")
+    if labels is not None and labels.dtype.kind not in "iu":
+        raise ShardError(f"shard {name!r}: labels must be integer class indices, got dtype {labels.dtype} "
+                         "(write them as int64)")
+    if labels is not None and labels.size and labels.min() < 0:
+        row = int(np.argmin(labels))
+        raise ShardError(f"shard {name!r}: labels must be class indices >= 0, got {int(labels[row])} at row {row}")
     if targets is not None:
         targets = _checked_targets(f"shard {name!r} at {path}", targets, images.shape[0])
     return Shard(name, images.astype(np.float32, copy=False), None if labels is None else labels.astype(np.int64),
-                 targets)
+                 targets, peak)

@@ -17,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
+from skmm_pipeline.data.contract import CARRIES
 from skmm_pipeline.defs.resources import DvcVersioning, MlflowTracking, SkmmSettings, Workspace
 
 # Content-hash data versions on outputs are how unchanged shards are recognised; the API is marked beta.
@@ -77,20 +78,24 @@ def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarr
 @dg.asset(
     partitions_def=shard_partitions,
     group_name="skmm",
-    code_version="2",
+    code_version="3",
     kinds={"numpy"},
-    description="One delivered shard of the pool, validated; its content hash is the data version. Also scores "
+    description="One delivered shard of the pool, checked against the run's data contract (image shape, task, "
+    "label range, pixel range, no copy of another shard); its content hash is the data version. Also scores "
     "each image's spatial structure (neighbouring-pixel correlation) for the outlier guard's input check.",
 )
 def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings: SkmmSettings) -> dg.Output[dict]:
     from skmm_pipeline.core.outliers import lacks_structure
+    from skmm_pipeline.data.contract import ShardHashes
     from skmm_pipeline.data.shards import file_sha256, file_signature, read_shard
 
     name = context.partition_key
     path = workspace.shard_path(name)
     signature = file_signature(path) if path.is_file() else None
     shard = read_shard(path)
+    shard_contract(workspace, settings).check(shard)
     sha = file_sha256(path)
+    ShardHashes(workspace.artifacts / "shard_hashes.json").admit(name, path, sha)
     scores = structure_scores(workspace, name, sha, shard.images)
     record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images)), "signature": signature}
     meta = {
@@ -163,6 +168,15 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
     rows = eval_splits(workspace).val.images[: max(1, settings.calibration_rows)]
     return calibrate_block_scales(model, rows, layers=settings.sketch_layers, label_mode="expected",
                                   seed=settings.seed, device=device)
+
+
+def shard_contract(workspace: Workspace, settings: SkmmSettings):
+    """What every pool shard must be for this run, from the evaluation splits and the settings."""
+    from skmm_pipeline.data.contract import ShardContract
+
+    ev = eval_splits(workspace)
+    return ShardContract(tuple(ev.val.images.shape[1:]), ev.task, settings.num_classes or ev.num_classes,
+                         settings.max_abs_pixel)
 
 
 def read_unchanged_shard(record: dict):
@@ -369,10 +383,6 @@ def subset_version(
     if version.push_error:
         meta["push_error"] = version.push_error
     return dg.Output(record, data_version=dg.DataVersion(version.data_md5), metadata=meta)
-
-
-# What a split carries decides the task: int "labels" (classification) or float "targets" (regression).
-CARRIES = {"classification": "class labels", "regression": "regression targets"}
 
 
 class EvalData:

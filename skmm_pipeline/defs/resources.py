@@ -59,6 +59,9 @@ class SkmmSettings(dg.ConfigurableResource):
     # deviations below the pool's median (noise, salt-and-pepper, blank frames; 0 turns that check off).
     outlier_guard: bool = False
     structure_threshold: float = 4.0
+    # Data contract (raw_shard): pixel values of a pool shard stay within +-max_abs_pixel (the model's
+    # inputs: [0, 1] or normalised images; 8-bit values are refused); 0 turns the bound off.
+    max_abs_pixel: float = 20.0
     # The model: "small_cnn" (the embedded scenario, pretrained on digits 0-4), or a torchvision
     # backbone ("resnet18", "resnet50", "vit_b_16") with weights from a local file or "hub" (the torch
     # hub cache; never downloaded) or "" (random init, for smoke tests only).

@@ -1,0 +1,104 @@
+"""The data contract of pool shards: each bad shard is refused as it lands, in one line naming the shard,
+the field and the fix, and nothing downstream of it is computed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from skmm_pipeline.data.contract import ShardContract, ShardHashes, max_abs
+from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
+from skmm_pipeline.data.shards import Shard, ShardError, file_sha256, read_shard, write_shard
+from skmm_pipeline.definitions import build_definitions
+from skmm_pipeline.defs.assets import shard_partitions
+from skmm_pipeline.defs.resources import SkmmSettings
+
+DIGITS = ShardContract(image_shape=(1, 8, 8), task="classification", num_classes=5, max_abs_pixel=20.0)
+
+
+def shard(name="s", images=None, labels=None, targets=None):
+    images = np.random.default_rng(0).uniform(size=(6, 1, 8, 8)).astype(np.float32) if images is None else images
+    labels = np.arange(len(images)) % 5 if labels is None and targets is None else labels
+    return Shard(name, images, labels, targets)
+
+
+def test_files_with_labels_that_are_not_class_indices_are_refused(tmp_path):
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    for labels, msg in ((np.array([0.0, 1.5, 2.0, 3.0]), "integer class indices, got dtype float64"),
+                        (np.array(["a", "b", "c", "d"]), "integer class indices, got dtype <U1"),
+                        (np.array([0, -1, 2, 3]), "class indices >= 0, got -1 at row 1")):
+        np.savez(tmp_path / "bad.npz", images=x, labels=labels)  # written by hand, as a user's own tool would
+        with pytest.raises(ShardError, match=re.escape(msg)):
+            read_shard(tmp_path / "bad.npz")
+    with pytest.raises(ShardError, match="labels must be integer class indices, got dtype float64"):
+        write_shard(tmp_path / "w.npz", x, np.array([0.0, 1.0, 1.0, 0.0]))
+    assert not (tmp_path / "w.npz").exists()
+    write_shard(tmp_path / "ok.npz", x - 3.5, np.arange(4))
+    assert read_shard(tmp_path / "ok.npz").max_abs == 3.5  # measured in the verifying pass
+
+
+def test_the_contract_names_the_shard_the_field_and_the_fix():
+    DIGITS.check(shard())
+    cases = (
+        (shard(images=np.zeros((3, 3, 32, 32), np.float32)), "images are (3, 32, 32) per sample but the model takes (1, 8, 8)"),
+        (Shard("s", np.zeros((3, 1, 8, 8), np.float32), None),
+         "carries neither labels nor targets but the evaluation splits carry class labels: give every shard class labels"),
+        (shard(targets=np.ones(6, np.float32), labels=None), "carries regression targets but the evaluation splits carry class"),
+        (shard(labels=np.array([0, 1, 99, 2, 5, 1])), r"labels \[5, 99\] at rows \[2, 4\] are outside the task's classes \[0, 5\)"),
+        (shard(images=np.full((2, 1, 8, 8), 255.0, np.float32), labels=np.array([0, 1])), "pixel values reach 255, beyond the 20"),
+        (shard(images=np.full((2, 1, 8, 8), 1e30, np.float32), labels=np.array([0, 1])), "pixel values reach 1e+30"),
+    )
+    for bad, msg in cases:
+        with pytest.raises(ShardError, match=msg if "[" in msg else re.escape(msg).replace(r"\\+", "+")) as exc:
+            DIGITS.check(bad)
+        assert len(str(exc.value).splitlines()) == 1 and "'s'" in str(exc.value)
+    ShardContract((1, 8, 8), "classification", 5, max_abs_pixel=0).check(
+        shard(images=np.full((2, 1, 8, 8), 255.0, np.float32), labels=np.array([0, 1])))  # 0: no bound
+    assert max_abs(np.array([[-3.0, 2.0]])) == 3.0
+
+
+def test_a_copy_of_an_admitted_shard_is_refused_by_name(tmp_path):
+    landing = tmp_path / "landing"
+    x = np.random.default_rng(1).uniform(size=(5, 1, 8, 8))
+    write_shard(landing / "first.npz", x, np.arange(5))
+    (landing / "second.npz").write_bytes((landing / "first.npz").read_bytes())
+    write_shard(landing / "third.npz", x[::-1], np.arange(5))
+    hashes = ShardHashes(tmp_path / "cache.json")
+    sha = {p.stem: file_sha256(p) for p in landing.glob("*.npz")}
+    hashes.admit("first", landing / "first.npz", sha["first"])
+    hashes.admit("first", landing / "first.npz", sha["first"])  # the same shard again: not a copy of itself
+    with pytest.raises(ShardError, match="shard 'second' has the same content as shard 'first'.*remove the copy second.npz"):
+        hashes.admit("second", landing / "second.npz", sha["second"])
+    hashes.admit("third", landing / "third.npz", sha["third"])
+    assert set(json.loads((tmp_path / "cache.json").read_text())) == {"first", "third"}
+    write_shard(landing / "third.npz", x[::-1] * 0.5, np.arange(5))  # rewritten in place: admitted anew
+    hashes.admit("third", landing / "third.npz", file_sha256(landing / "third.npz"))
+    (landing / "first.npz").unlink()  # the original is gone: its copy is no longer one
+    hashes.admit("second", landing / "second.npz", sha["second"])
+    assert set(json.loads((tmp_path / "cache.json").read_text())) == {"second", "third"}
+
+
+def test_bad_shards_are_refused_as_they_land_and_nothing_is_sketched(project):
+    defs = build_definitions(project, settings=SkmmSettings(pretrain_epochs=1, budget=5))
+    ws = defs.resources["workspace"]
+    names = write_digits_shards(ws.landing)
+    pool = load_digits_transfer().pool
+    write_shard(ws.landing / "bytes.npz", pool.images[:20] * 255, pool.labels[:20])
+    write_shard(ws.landing / "labels99.npz", pool.images[:20], np.where(np.arange(20) == 3, 99, pool.labels[:20]))
+    write_shard(ws.landing / "rgb.npz", np.zeros((4, 3, 8, 8)), np.arange(4) % 5)
+    (ws.landing / "copy.npz").write_bytes((ws.landing / f"{names[0]}.npz").read_bytes())
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, [*names, "bytes", "labels99", "rgb", "copy"])
+        job = defs.resolve_job_def("sketch_shard")
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        assert job.execute_in_process(instance=instance, partition_key=names[0]).success
+        for key, msg in (("bytes", "pixel values reach 255"), ("labels99", r"labels \[99\] at rows \[3\]"),
+                         ("rgb", r"images are \(3, 8, 8\) per sample"), ("copy", f"same content as shard '{names[0]}'")):
+            with pytest.raises(ShardError, match=msg):
+                job.execute_in_process(instance=instance, partition_key=key)
+    sketched = {p.name.split(".")[0] for p in (ws.artifacts / "sketches").rglob("*.json")}
+    assert sketched == {names[0]}
