@@ -53,6 +53,7 @@ def run_demo(
     from skmm_pipeline.defs.resources import SkmmSettings
     from skmm_pipeline.defs.sensors import scan_landing
     from skmm_pipeline.definitions import build_definitions
+    from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
 
     dagster_home()
     root = Path(root).resolve()
@@ -75,6 +76,8 @@ def run_demo(
         log(f"[skmm] ignoring shard files with unsafe names: {refused}")
 
     instance = dg.DagsterInstance.get()
+    # A run killed earlier would hold its pool slot forever and block every step of that pool.
+    recover_dead_runs(instance, fail_mlflow_runs(defs.resources["mlflow"].tracker()), log)
     known = set(instance.get_dynamic_partitions(shard_partitions.name))
     new = [n for n in names if n not in known]
     if new:
@@ -86,7 +89,8 @@ def run_demo(
     def run(job: str, what: str, **kw):
         log(f"[skmm] {what}")
         run_config = {**QUIET, **kw.pop("run_config", {})}
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=run_config, **kw)
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=run_config,
+                                                              tags=process_tags(), **kw)
         if not result.success:
             raise RuntimeError(f"job {job!r} failed (run {result.run_id}); see the Dagster UI for the error")
         return result

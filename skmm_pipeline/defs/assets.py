@@ -18,6 +18,7 @@ import dagster as dg
 import numpy as np
 
 from skmm_pipeline.data.contract import CARRIES
+from skmm_pipeline.faults import kill_point
 from skmm_pipeline.defs.resources import DvcVersioning, MlflowTracking, SkmmSettings, Workspace
 
 # Content-hash data versions on outputs are how unchanged shards are recognised; the API is marked beta.
@@ -234,9 +235,11 @@ def gradient_sketch(
     identity = sketcher.identity
     t0 = time.perf_counter()
     stem = workspace.artifacts / "sketches" / identity_hash(identity) / shard.name
+    kill_point("gradient_sketch")
     with SketchShardWriter(stem, identity, shard.ids, settings.sketch_dim) as writer:
         sketch_shard(sketcher, shard, writer.rows, batch_size=settings.batch_size, labels=settings.label_mode == "true",
                      workers=None if settings.loader_workers < 0 else settings.loader_workers)
+        kill_point("sketch_rows")
     seconds = time.perf_counter() - t0
     version = _json_hash([identity, raw_shard["sha256"]])
     rows = len(shard.ids)
@@ -709,6 +712,7 @@ def finetune_eval(
     with tracker.run(f"finetune_eval {subset_version['tag']}", tags=tags) as run:
         run.log_params(params)
         run.log_metrics(metrics)
+        kill_point("finetune_eval")
         run.log_eval_metrics(eval_rows)
         run.log_artifact_bytes(plot_name, plot, "plots")
         run.log_json("results.json", {"rows": rows, "scores": scores})

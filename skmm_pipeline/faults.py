@@ -1,0 +1,20 @@
+"""Named kill points for fault-injection tests.
+
+``SKMM_KILL_AT=<point>`` in the environment makes the process kill itself with SIGKILL (no cleanup,
+no ``finally``, as ``kill -9`` or a power cut would) when it reaches that point; unset, a kill point
+costs one dictionary lookup. Points: ``gradient_sketch`` (a sketching step holding its ``gpu`` pool
+slot, before it writes), ``sketch_rows`` (the sketch file written, before its manifest),
+``finetune_eval`` (its MLflow run open and half logged).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "SKMM_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    if os.environ.get(ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
