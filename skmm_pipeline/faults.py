@@ -4,7 +4,9 @@
 no ``finally``, as ``kill -9`` or a power cut would) when it reaches that point; unset, a kill point
 costs one dictionary lookup. Points: ``gradient_sketch`` (a sketching step holding its ``gpu`` pool
 slot, before it writes), ``sketch_rows`` (the sketch file written, before its manifest),
-``finetune_eval`` (its MLflow run open and half logged).
+``version_swap`` (the new subset moved into ``data/``, not yet added to DVC), ``version_dvc_add``
+(``data.dvc`` written, no history commit or tag yet), ``version_tag`` (the version tagged, its push not
+yet queued), ``finetune_eval`` (its MLflow run open and half logged).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Fault injection: the demo is really killed (SIGKILL, at named kill points inside a run) and the next
-``skmm demo`` must complete without hand repair, leaving no run marked running, no pool slot held and
-no MLflow run RUNNING."""
+``skmm demo`` must complete without hand repair, leaving no run marked running, no pool slot held, no
+MLflow run RUNNING, no half-written version (every listed version complete and pushed) and no
+leftovers in the user's checkout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from skmm_pipeline.recovery import ACTIVE, PID_TAG
 from skmm_pipeline.tracking.mlflow_store import project_tracking_uri
+from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,8 @@ def demo(project: Path, home: Path, kill_at: str | None = None, timeout: int = 4
 
 # kill point -> (the job it kills, whether it dies holding a pool slot, versions made before it died)
 KILLS = {"gradient_sketch": ("sketch_shard", True, 0), "sketch_rows": ("sketch_shard", True, 0),
-         "finetune_eval": ("reselect", False, 1)}
+         "version_swap": ("reselect", True, 0), "version_dvc_add": ("reselect", True, 0),
+         "version_tag": ("reselect", True, 1), "finetune_eval": ("reselect", False, 1)}
 
 
 @pytest.mark.parametrize("kill_at", sorted(KILLS))
@@ -58,6 +61,13 @@ def test_a_killed_run_never_blocks_the_next_one(project, tmp_path, monkeypatch, 
     assert f"subset version (DVC tag): subset-v{versions_before + 1:04d}" in again.stdout
     if kill_at == "finetune_eval":
         assert "1 MLflow run(s) marked FAILED" in again.stdout
+    # Every version is complete and on the remote, and the user's checkout shows nothing left behind.
+    store = SubsetStore(str(project))
+    versions = store.list_versions()
+    assert [v.tag for v in versions] == [f"subset-v{i + 1:04d}" for i in range(versions_before + 1)]
+    assert all(v.pushed for v in versions) and store.pending_pushes() == []
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=project, capture_output=True, text=True)
+    assert not [line for line in status.stdout.splitlines() if ".data." in line], status.stdout
 
     with dg.DagsterInstance.get() as instance:
         assert instance.get_run_by_id(dead[0].run_id).status == DagsterRunStatus.FAILURE

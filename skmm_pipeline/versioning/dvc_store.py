@@ -30,6 +30,7 @@ so every path handed to DVC here is absolute.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -53,6 +54,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from dvc.repo import Repo  # noqa: E402  (analytics must be off before DVC is imported)
 from dvc.utils.serialize import parse_yaml  # noqa: E402
+
+from skmm_pipeline.faults import kill_point  # noqa: E402
 
 __all__ = ["SubsetStore", "SubsetVersion", "SubsetVersionError", "MODES"]
 
@@ -246,8 +249,11 @@ class SubsetStore:
         """Raise if ``data/`` was edited by hand since ``data.dvc`` was last written.
 
         A missing ``data/`` (fresh clone, not yet pulled) is clean; a non-empty ``data/`` without
-        ``data.dvc`` is not a subset version and is refused rather than replaced.
+        ``data.dvc`` is not a subset version and is refused rather than replaced. The version of a
+        writer killed part-way is finished or rolled back first: its half-swapped ``data/`` is no edit.
         """
+        with self._locked():
+            self._recover()
         self._check_no_foreign_data()
         if not self.dvc_file.exists() or not self.data_path.exists():
             return
@@ -305,6 +311,7 @@ class SubsetStore:
 
         git = self.uses_git()
         with self._locked():
+            self._recover()  # a writer killed part-way: finish or roll back its version first
             # Refusals come before `dvc init`, so that a refused write leaves no trace.
             tag = "a new subset version"
             if git:
@@ -317,22 +324,26 @@ class SubsetStore:
             try:
                 undo.snapshot()
                 self._swap_in_data(files, undo)
+                kill_point("version_swap")
                 data_md5 = self._dvc_add()
+                kill_point("version_dvc_add")
                 if git:
                     commit = self._commit_history(tag, data_md5, undo)
                     summary = (
                         f"skmm subset {tag}: {len(files)} file(s), {self.data_dir} md5 {data_md5}"
                     )
+                    undo.tag_created = undo.version_tag = tag
+                    undo.save()  # before the tag: a recovery deletes a tag it finds, or finishes its version
                     self._create_tag(tag, commit, f"{summary}\n\n{meta_json}\n")
-                    undo.tag_created = tag
                     version = self._version(tag)
                 else:
-                    tag = self._hash_tag(data_md5)
+                    tag = undo.version_tag = self._hash_tag(data_md5)
                     version = self._record_content_version(tag, data_md5, meta, undo)
                 if version is None:
                     raise SubsetVersionError(f"version {tag} was recorded but cannot be read back")
             except BaseException as exc:
                 undo.rollback()
+                undo.clear()
                 if not isinstance(exc, Exception):
                     raise
                 cause = exc if isinstance(exc, SubsetVersionError) else f"{type(exc).__name__}: {exc}"
@@ -340,9 +351,10 @@ class SubsetStore:
                     f"writing {tag} failed, {self.data_dir}/, {self.dvc_file.name} and the "
                     f"version history were rolled back: {cause}"
                 ) from exc
-            undo.discard_backup()
-
+            kill_point("version_tag")
             self._queue_push(version)
+            undo.discard_backup()
+            undo.clear()  # the version is complete and its push queued: nothing left to recover
             still_pending, error = self._push_queued()
         if version.tag in still_pending:
             logger.warning(
@@ -360,7 +372,7 @@ class SubsetStore:
             versions.sort(key=lambda v: self._index_of(v.tag))
         else:
             versions = [version for _, version in self._scan_records()]
-        pending = set(self._read_queue())
+        pending = set(self.pending_pushes())
         return [dataclasses.replace(v, pushed=False) if v.tag in pending else v for v in versions]
 
     def latest(self) -> SubsetVersion | None:
@@ -496,9 +508,14 @@ class SubsetStore:
         return version
 
     def pending_pushes(self) -> list[str]:
-        """Tags of versions recorded here whose data has not reached the DVC remote yet."""
+        """Tags of versions recorded here whose data has not reached the DVC remote yet (including one
+        whose writer was killed before queueing its push; the next write or push finishes it)."""
         self.uses_git()
-        return self._read_queue()
+        queued = self._read_queue()
+        interrupted = _Undo.load(self)
+        if interrupted is not None and interrupted.version_tag and interrupted.version_tag not in queued:
+            queued.append(interrupted.version_tag)
+        return queued
 
     def push_pending(self) -> list[str]:
         """Push every queued version to the default DVC remote; returns the tags pushed.
@@ -506,6 +523,7 @@ class SubsetStore:
         Raises :class:`SubsetVersionError` (and keeps the queue) when some could not be pushed.
         """
         with self._locked():
+            self._recover()
             queued = self._read_queue()
             if not queued:
                 return []
@@ -677,6 +695,27 @@ class SubsetStore:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _recover(self) -> None:
+        """Finish or roll back the version of a writer that died part-way (its journal is left; the
+        write lock, held by the caller, proves that writer is gone). A version whose tag or record
+        exists and reads back is complete: its push is queued and its backup removed. Anything less is
+        rolled back: ``data/``, ``data.dvc``, ``.gitignore``, the history ref and the tag."""
+        undo = _Undo.load(self)
+        if undo is None:
+            return
+        tag = undo.version_tag
+        version = None
+        if tag and (undo.tag_created or undo.record_created):
+            version = self._version(tag) if self.uses_git() else self._record(tag)
+        if version is not None:
+            self._queue_push(version)
+            undo.discard_backup()
+            logger.warning("finished subset version %s, whose writer died before queueing its push", tag)
+        else:
+            undo.rollback()
+            logger.warning("rolled back a subset version whose writer died part-way in %s", self.repo_root)
+        undo.clear()
 
     def _queue_file(self) -> Path:
         return self._state_dir() / "unpushed.json"
@@ -952,8 +991,9 @@ class SubsetStore:
         }
         path = self._record_path(tag)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(record, indent=2, sort_keys=True).encode())
         undo.record_created = path
+        undo.save()
+        _atomic_write(path, json.dumps(record, indent=2, sort_keys=True).encode())
         return self._record(tag)
 
     # ------------------------------------------------------------------ DVC objects
@@ -1041,6 +1081,7 @@ class SubsetStore:
         token = uuid.uuid4().hex[:12]
         incoming = self.repo_root / f".{self.data_dir}.incoming-{token}"
         undo.incoming = incoming
+        undo.save()
         incoming.mkdir()
         for name, content in files.items():
             with open(incoming / name, "wb") as fh:
@@ -1050,9 +1091,11 @@ class SubsetStore:
         _fsync_dir(incoming)
         if self.data_path.exists() or self.data_path.is_symlink():
             previous = self.repo_root / f".{self.data_dir}.previous-{token}"
+            undo.previous, undo.data_moved = previous, True
+            undo.save()
             os.rename(self.data_path, previous)
-            undo.previous = previous
         undo.data_moved = True
+        undo.save()
         os.rename(incoming, self.data_path)
         undo.incoming = None
         _fsync_dir(self.repo_root)
@@ -1090,7 +1133,8 @@ class SubsetStore:
                       env=env)
             tree = self._git("write-tree", env=env).stdout.strip()
         parent = self._rev(self.history_ref)
-        undo.old_ref = parent
+        undo.old_ref, undo.ref_updated = parent, True
+        undo.save()  # before the update: restoring the old tip is harmless if it never moved
         parent_args = ["-p", parent] if parent else []
         message = f"skmm subset {tag}\n\n{self.data_dir} md5 {data_md5}\n"
         # Unattended runs cannot answer a signing prompt, whatever commit.gpgSign says.
@@ -1099,7 +1143,6 @@ class SubsetStore:
         ).stdout.strip()
         # Compare-and-swap against the tip read above; an empty old value means "must not exist".
         self._git("update-ref", "-m", f"skmm subset {tag}", self.history_ref, commit, parent or "")
-        undo.ref_updated = True
         return commit
 
     def _create_tag(self, tag: str, commit: str, message: str) -> None:
@@ -1124,19 +1167,63 @@ class _Undo:
         self.ref_updated = False
         self.tag_created: str | None = None
         self.record_created: Path | None = None
+        self.version_tag: str | None = None
+
+    # The journal: this state on disk, written before each step it undoes, so that the next writer
+    # can finish or roll back the version of a writer that was killed (``SubsetStore._recover``).
+    _PATHS = ("incoming", "previous", "record_created")
+    _BYTES = ("dvc_bytes", "gitignore_bytes")
+    _PLAIN = ("data_moved", "old_ref", "ref_updated", "tag_created", "version_tag")
+
+    @staticmethod
+    def journal_path(store: SubsetStore) -> Path:
+        return store._state_dir() / "journal.json"
+
+    def save(self) -> None:
+        state = {k: getattr(self, k) for k in self._PLAIN}
+        state.update({k: None if getattr(self, k) is None else str(getattr(self, k)) for k in self._PATHS})
+        state.update({k: None if getattr(self, k) is None else base64.b64encode(getattr(self, k)).decode()
+                      for k in self._BYTES})
+        path = self.journal_path(self.store)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(state).encode())
+
+    @classmethod
+    def load(cls, store: SubsetStore) -> "_Undo | None":
+        path = cls.journal_path(store)
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            logger.warning("ignoring the unreadable subset-version journal %s", path)
+            return None
+        undo = cls(store)
+        for k in cls._PLAIN:
+            setattr(undo, k, state.get(k))
+        for k in cls._PATHS:
+            setattr(undo, k, None if state.get(k) is None else Path(state[k]))
+        for k in cls._BYTES:
+            setattr(undo, k, None if state.get(k) is None else base64.b64decode(state[k]))
+        return undo
+
+    def clear(self) -> None:
+        self.journal_path(self.store).unlink(missing_ok=True)
 
     def snapshot(self) -> None:
         store = self.store
         self.dvc_bytes = store.dvc_file.read_bytes() if store.dvc_file.exists() else None
         gitignore = store.repo_root / ".gitignore"
         self.gitignore_bytes = gitignore.read_bytes() if gitignore.exists() else None
+        self.save()
 
     def rollback(self) -> None:
         """Best effort: every step is attempted even if an earlier one fails."""
         store = self.store
         steps = []
         if self.tag_created:
-            steps.append(lambda: store._git("tag", "-d", self.tag_created))
+            steps.append(lambda: store._git("tag", "-d", self.tag_created) if store._rev(f"refs/tags/{self.tag_created}")
+                         else None)
         if self.record_created:
             steps.append(lambda: self.record_created.unlink(missing_ok=True))
         if self.ref_updated:
@@ -1159,6 +1246,8 @@ class _Undo:
         if not self.data_moved:
             return
         data = self.store.data_path
+        if self.previous is not None and not self.previous.exists():
+            return  # killed before the old data/ was moved aside: it is still data/
         if data.exists() or data.is_symlink():
             _remove_path(data)
         if self.previous is not None:
