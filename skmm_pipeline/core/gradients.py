@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core.device_blocks import to_device
 from skmm_pipeline.core.validation import InputError
 
 LABEL_MODES = ("expected", "random", "true", "jacobian")
@@ -126,14 +127,6 @@ def label_weighted_delta(logits: torch.Tensor, A: torch.Tensor, W) -> torch.Tens
     p = e / (1 + t)
     q = torch.where(is_top, t / (1 + t), 1 - p)
     return (W - A) * p - A * q
-
-
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``; to a GPU through pinned memory, so the host does not wait for the
-    device's queued work."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _check_labels(labels, B: int, K: int, device) -> torch.Tensor:
@@ -416,8 +409,9 @@ class GradientFactorizer:
                 "so that any split into batches or shards draws the same labels"
             )
         y, eps = draw_random_labels(keys, K, self.draws, self.seed)
-        y = _host_to(torch.as_tensor(y), logits.device)
-        w = _host_to(torch.as_tensor(eps / math.sqrt(self.draws), dtype=logits.dtype), logits.device)
+        # Through pinned memory to a GPU: the host does not wait for the device's queued work.
+        y = to_device(torch.as_tensor(y), logits.device)
+        w = to_device(torch.as_tensor(eps / math.sqrt(self.draws), dtype=logits.dtype), logits.device)
         A = torch.zeros(B, K, device=logits.device, dtype=logits.dtype).scatter_add_(1, y, w)
         return label_weighted_delta(logits, A, w.sum(1, keepdim=True))
 
