@@ -194,17 +194,18 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
         raise ShardError(f"shard {name!r}: images must be (N, C, H, W), got shape {images.shape}")
     if images.shape[0] == 0:
         raise ShardError(f"shard {name!r} at {path} is empty")
-    crc = zlib.crc32(mapped[1]) if mapped is not None else None
+    verified = verify or mapped is None  # a loaded (not mapped) shard is always checked: it is in memory
+    crc = zlib.crc32(mapped[1]) if mapped is not None and verified else None
     step = max(1, CHECK_ELEMS // max(1, int(np.prod(images.shape[1:]))))
-    peak = 0.0 if verify or mapped is None else None
-    for lo in range(0, images.shape[0] if peak is not None else 0, step):
+    peak = 0.0 if verified else None
+    for lo in range(0, images.shape[0] if verified else 0, step):
         block = np.asarray(images[lo : lo + step])
         if not np.isfinite(block).all():
             raise ShardError(f"shard {name!r}: images contain NaN or inf")
         peak = max(peak, float(block.max()), -float(block.min()))  # no |block| temporary
         if crc is not None:
             crc = zlib.crc32(block, crc)
-    if crc is not None and (verify or mapped is None) and crc != info.CRC:
+    if crc is not None and crc != info.CRC:
         raise ShardError(f"shard {name!r} at {path} is corrupt: the images fail their CRC-32 check")
     labels, targets = arrays.get("labels"), arrays.get("targets")
     if labels is not None and targets is not None:

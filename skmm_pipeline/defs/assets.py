@@ -175,7 +175,8 @@ def shard_contract(workspace: Workspace, settings: SkmmSettings):
     """What every pool shard must be for this run, from the evaluation splits and the settings."""
     from skmm_pipeline.data.contract import ShardContract
 
-    ev = eval_splits(workspace)
+    # Shape, task and classes only: the splits' pixels are verified where they are used, not per shard.
+    ev = eval_splits(workspace, verify=False)
     return ShardContract(tuple(ev.val.images.shape[1:]), ev.task, settings.num_classes or ev.num_classes,
                          settings.max_abs_pixel)
 
@@ -394,9 +395,10 @@ class EvalData:
 
     ``task`` is what both splits carry: ``"classification"`` (``labels``) or ``"regression"``
     (``targets``); a split with neither, or splits that disagree, are refused naming the files.
-    ``num_classes`` is 1 for regression (the model's one output)."""
+    ``num_classes`` is 1 for regression (the model's one output). ``verify=False`` opens the splits
+    without a pass over their pixels (for their shape, task and classes alone)."""
 
-    def __init__(self, workspace: Workspace):
+    def __init__(self, workspace: Workspace, verify: bool = True):
         from skmm_pipeline.data.shards import read_shard
 
         folder = workspace.evaluation
@@ -407,7 +409,7 @@ class EvalData:
                              "the import_data job with role val / test), or neither to use the embedded digits splits")
         if present:
             self.files = {"val": folder / "val.npz", "test": folder / "test.npz"}
-            val, test = read_shard(self.files["val"]), read_shard(self.files["test"])
+            val, test = read_shard(self.files["val"], verify), read_shard(self.files["test"], verify)
             for split, path in ((val, self.files["val"]), (test, self.files["test"])):
                 if split.task is None:
                     raise ValueError(f"validation and test splits in {folder} need labels (classification) or targets "
@@ -442,8 +444,8 @@ class EvalData:
         return f"the evaluation splits ({files}) carry {CARRIES[self.task]}"
 
 
-def eval_splits(workspace: Workspace) -> EvalData:
-    return EvalData(workspace)
+def eval_splits(workspace: Workspace, verify: bool = True) -> EvalData:
+    return EvalData(workspace, verify)
 
 
 def _read_pool(raw_shard: dict, unlabelled_error: str):
