@@ -46,7 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
-from skmm_pipeline.core.gradients import resolve_layers, vmap_gradients
+from skmm_pipeline.core.gradients import layer_param_names, vmap_gradients
 from skmm_pipeline.core.sketch_engine import GradientSketcher, resolve_device
 from skmm_pipeline.core.sketch_io import SketchShardWriter
 from skmm_pipeline.data.loader import sketch_shard
@@ -144,19 +144,9 @@ def engine_rate(name, X, y, clock, m, layers, mode, precision):
     return len(X) / t, peak, sk.block_rows
 
 
-def param_names(model, layers) -> list[str]:
-    names = {mod: n for n, mod in model.named_modules()}
-    out = []
-    for _, mod in resolve_layers(model, layers):
-        out.append(names[mod] + ".weight")
-        if mod.bias is not None:
-            out.append(names[mod] + ".bias")
-    return out
-
-
 def vmap_rate(name, X, y, clock, m, layers, batch):
     model = model_for(name).to(clock.device)
-    params = param_names(model, layers)
+    params = layer_param_names(model, layers)
     r = sum(dict(model.named_parameters())[p].numel() for p in params)
     gen = torch.Generator(device=clock.device).manual_seed(1)
     gamma = torch.randn(r, m, generator=gen, device=clock.device) / m**0.5

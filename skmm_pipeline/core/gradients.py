@@ -613,6 +613,11 @@ def _layer_param_names(model: nn.Module, layers) -> list[tuple[str, str | None]]
     return out
 
 
+def layer_param_names(model: nn.Module, layers) -> list[str]:
+    """The parameter names of a parameter set (each layer's weight, then its bias), in layer order."""
+    return [n for pair in _layer_param_names(model, layers) for n in pair if n is not None]
+
+
 def to_layer_layout(model: nn.Module, layers, flat: torch.Tensor) -> torch.Tensor:
     """Rearrange ``[vec W, b]`` per layer (the oracle's order) into the factored ``[W | b]`` row layout."""
     parts, col = [], 0
@@ -630,7 +635,7 @@ def to_layer_layout(model: nn.Module, layers, flat: torch.Tensor) -> torch.Tenso
 
 def vmap_layer_gradients(model: nn.Module, inputs: torch.Tensor, layers, loss_fn: Callable, targets) -> torch.Tensor:
     """Oracle per-sample gradients of a parameter set in the factored layout (B x r)."""
-    names = [n for pair in _layer_param_names(model, layers) for n in pair if n is not None]
+    names = layer_param_names(model, layers)
     return to_layer_layout(model, layers, vmap_gradients(model, inputs, loss_fn, targets, names))
 
 
@@ -638,7 +643,7 @@ def vmap_layer_jacobians(model: nn.Module, inputs: torch.Tensor, layers) -> torc
     """Oracle per-sample Jacobians of the outputs, (B x K x r) in the factored layout."""
     from torch.func import functional_call, jacrev, vmap
 
-    names = [n for pair in _layer_param_names(model, layers) for n in pair if n is not None]
+    names = layer_param_names(model, layers)
     params = dict(model.named_parameters())
     chosen = {k: params[k].detach() for k in names}
     frozen = {k: v.detach() for k, v in params.items() if k not in chosen}
