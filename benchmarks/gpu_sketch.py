@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import sys
 import tempfile
@@ -158,7 +157,6 @@ def vmap_rate(name, X, y, clock, m, layers, batch):
             (G @ gamma).cpu()
 
     t, peak = clock.best(run)
-    del gamma
     return len(X) / t, peak
 
 

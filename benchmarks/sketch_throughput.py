@@ -245,7 +245,6 @@ def run_table(setup, title, args, bw, exact_top, exact_sq, io_bytes, kinds):
         Sb = vmap_dense(model, param_names, Xt[:nb], yt[:nb], gamma, batch=256)
 
     base_rate = nb / best_time(run_base, 2)
-    del gamma
     q_g = []
     for seed in range(args.quality_seeds):
         S_g = GradientSketcher(model, m, kind="gaussian", layers=layers, label_mode="true", seed=seed, model_id=setup,

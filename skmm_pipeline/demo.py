@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-
-class SetupError(RuntimeError):
-    """The environment is not set up for a run (e.g. DAGSTER_HOME missing or relative)."""
+from skmm_pipeline.core.errors import SetupError
 
 
 def dagster_home() -> Path:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shard
-from skmm_pipeline.data.shards import ShardError, atomic_save_npz, write_shard
+from skmm_pipeline.core.atomic import atomic_save_npz
+from skmm_pipeline.data.shards import ShardError, write_shard
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.assets import gradient_sketch, shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings

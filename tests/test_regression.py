@@ -156,7 +156,7 @@ def test_write_shard_refuses_bad_targets(tmp_path):
 
 
 def test_eval_splits_and_pool_decide_the_task_and_refuse_mixtures(tmp_path):
-    from skmm_pipeline.data.shards import atomic_write_bytes
+    from skmm_pipeline.core.atomic import atomic_write_bytes
     from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_pool
     from skmm_pipeline.defs.resources import Workspace
     from skmm_pipeline.models.backbones import build_backbone, save_backbone

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.atomic import atomic_open, atomic_write_text, commit, temp_path
+from skmm_pipeline.core.errors import SketchMismatchError
+from skmm_pipeline.core.validation import InputError, check_int
 
 FORMAT = "skmm-sketch-shard"
 FORMAT_VERSION = 1
-
-
-class SketchMismatchError(InputError):
-    """A sketch shard whose identity (seed, kind, m, model, parameter set, label mode...) differs."""
 
 
 def canonical_identity(identity: dict) -> dict:
@@ -81,13 +77,6 @@ def _ids_array(ids: Sequence) -> np.ndarray:
     return arr.astype(str) if arr.size else np.zeros(0, dtype="<U1")
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
 class SketchShardWriter:
     """Stream N x m rows into ``<stem>.rows.npy`` and commit the shard with its manifest.
 
@@ -96,8 +85,7 @@ class SketchShardWriter:
     """
 
     def __init__(self, path, identity: dict, ids: Sequence, sketch_dim: int):
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer)) or sketch_dim <= 0:
-            raise InputError(f"sketch_dim must be a positive integer, got {sketch_dim!r}")
+        sketch_dim = check_int(sketch_dim, "sketch_dim", minimum=1)
         self.stem = _stem(path)
         self.identity = canonical_identity(identity)
         self.ids = _ids_array(ids)
@@ -105,12 +93,9 @@ class SketchShardWriter:
             raise InputError("a sketch shard needs at least one sample")
         if len(set(self.ids.tolist())) != len(self.ids):
             raise InputError("sample ids within a shard must be unique")
-        self.stem.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.stem.parent, prefix=f".{self.stem.name}.rows.", suffix=".tmp")
-        os.close(fd)
-        self._tmp_rows = Path(tmp)
+        self._tmp_rows = temp_path(self.stem, "rows.")
         self.rows = np.lib.format.open_memmap(self._tmp_rows, mode="w+", dtype=np.float32,
-                                              shape=(len(self.ids), int(sketch_dim)))
+                                              shape=(len(self.ids), sketch_dim))
         self._done = False
 
     def commit(self) -> Path:
@@ -124,20 +109,15 @@ class SketchShardWriter:
                 raise InputError("refusing to write a sketch with non-finite rows")
         del self.rows
         manifest_path.unlink(missing_ok=True)  # the old shard (if any) is incomplete from here on
-        _atomic_replace(self._tmp_rows, rows_path)
-        fd, tmp_ids = tempfile.mkstemp(dir=self.stem.parent, prefix=f".{self.stem.name}.ids.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
+        commit(self._tmp_rows, rows_path)
+        with atomic_open(ids_path) as fh:
             np.save(fh, self.ids, allow_pickle=False)
-        _atomic_replace(Path(tmp_ids), ids_path)
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "identity": self.identity, "rows": n, "sketch_dim": m,
             "dtype": "float32", "rows_file": rows_path.name, "ids_file": ids_path.name, "rows_sha256": sha_rows,
             "ids_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest(),
         }
-        fd, tmp_m = tempfile.mkstemp(dir=self.stem.parent, prefix=f".{self.stem.name}.json.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, sort_keys=True, indent=1)
-        _atomic_replace(Path(tmp_m), manifest_path)
+        atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True, indent=1))
         self._done = True
         return manifest_path
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skmm_pipeline.data.shards import Shard, ShardError, atomic_write_bytes, file_sha256, file_signature
+from skmm_pipeline.core.atomic import atomic_write_bytes
+from skmm_pipeline.data.shards import Shard, ShardError, file_sha256, file_signature
 
 CARRIES = {"classification": "class labels", "regression": "regression targets", None: "neither labels nor targets"}
 

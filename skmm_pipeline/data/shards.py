@@ -7,9 +7,7 @@ A sample's id is ``<shard name>/<row>``; it never changes once the shard has lan
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -17,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from skmm_pipeline.core.atomic import atomic_save_npz
+from skmm_pipeline.core.errors import ShardError
+
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class ShardError(ValueError):
-    """A shard that is missing, unreadable, empty or malformed."""
 
 
 def check_shard_name(name: str) -> str:
@@ -50,37 +47,6 @@ class Shard:
         if self.labels is not None:
             return "classification"
         return "regression" if self.targets is not None else None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_signature(path: Path) -> list[int]:

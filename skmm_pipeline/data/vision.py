@@ -39,7 +39,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from skmm_pipeline.data.shards import ShardError, atomic_save_npz, check_shard_name
+from skmm_pipeline.core.atomic import atomic_save_npz
+from skmm_pipeline.data.shards import ShardError, check_shard_name
+from skmm_pipeline.core.errors import DataError, CorruptImageError
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,6 @@ ON_CORRUPT = ("skip", "raise")
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
 CIFAR10_TEST = ("test_batch",)
-
-
-class DataError(ValueError):
-    """A dataset that is missing, malformed or cannot be used as asked."""
-
-
-class CorruptImageError(DataError):
-    """An image file that cannot be decoded (raised only with ``on_corrupt="raise"``)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarr
     """Per-image spatial-structure scores (core.outliers.spatial_structure) of shard ``name`` with content
     hash ``sha``, cached under the workspace by that hash; computed from ``images`` or the shard file."""
     from skmm_pipeline.core.outliers import spatial_structure
-    from skmm_pipeline.data.shards import atomic_write_bytes, file_sha256, read_shard
+    from skmm_pipeline.core.atomic import atomic_write_bytes
+    from skmm_pipeline.data.shards import file_sha256, read_shard
 
     path = workspace.artifacts / "input_structure" / f"{sha}.npy"
     if path.is_file():
@@ -122,7 +123,7 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
     "or a torchvision backbone with local weights (settings.backbone).",
 )
 def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, workspace: Workspace) -> dg.Output[dict]:
-    from skmm_pipeline.data.shards import atomic_write_bytes
+    from skmm_pipeline.core.atomic import atomic_write_bytes
     from skmm_pipeline.models.backbones import build_backbone, model_id, save_backbone
     from skmm_pipeline.models.small_cnn import select_device
 

@@ -40,15 +40,12 @@ import torch
 from torch import nn
 
 from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
+from skmm_pipeline.core.errors import BackboneWeightsError
 
 log = logging.getLogger(__name__)
 
 SAVE_FORMAT = "skmm-backbone/1"
 PARAMETER_SETS = ("ft1", "ft2")
-
-
-class BackboneWeightsError(ValueError):
-    """A weights file that is missing, unreadable, or does not fit the architecture."""
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion, SubsetVersionError
+from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion
 from skmm_pipeline.versioning.subsets import (
     MANIFEST_FILE,
     SUBSET_FILE,
     read_manifest,
     read_subset_table,
 )
+from skmm_pipeline.core.errors import MetricsUnavailable
 
 __all__ = [
     "MetricsUnavailable", "SubsetCatalog", "VersionDetails", "VersionDiff", "default_tracking_uri",
@@ -40,10 +41,6 @@ def default_tracking_uri(repo_root: str | os.PathLike[str]) -> str | None:
     if env:
         return env
     return project_tracking_uri(repo_root) if (Path(repo_root) / PROJECT_STORE).is_file() else None
-
-
-class MetricsUnavailable(SubsetVersionError):
-    """The MLflow store given for evaluation metrics cannot be read."""
 
 
 @dataclass(frozen=True)

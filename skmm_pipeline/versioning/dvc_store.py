@@ -56,6 +56,7 @@ from dvc.repo import Repo  # noqa: E402  (analytics must be off before DVC is im
 from dvc.utils.serialize import parse_yaml  # noqa: E402
 
 from skmm_pipeline.faults import kill_point  # noqa: E402
+from skmm_pipeline.core.errors import SubsetVersionError
 
 __all__ = ["SubsetStore", "SubsetVersion", "SubsetVersionError", "MODES"]
 
@@ -74,10 +75,6 @@ _NOGIT_DIR = ".skmm-versions"
 
 _FALLBACK_NAME = "skmm-pipeline"
 _FALLBACK_EMAIL = "skmm-pipeline@localhost"
-
-
-class SubsetVersionError(RuntimeError):
-    """A subset version could not be written, listed or read; the message names the problem."""
 
 
 @dataclass(frozen=True)
