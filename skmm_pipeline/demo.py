@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import SetupError
 
 
@@ -28,9 +29,9 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def run_demo(
     root: Path,
-    budget: int = 40,
-    seed: int = 0,
-    n_shards: int = 3,
+    budget: int = defaults.BUDGET,
+    seed: int = defaults.SEED,
+    n_shards: int = defaults.DEMO_SHARDS,
     pretrain_epochs: int = 40,
     finetune_mode: str = "ft1",
     log=print,

@@ -154,3 +154,22 @@ def test_sketches_with_different_identities_are_never_joined(tmp_path):
         load_sketches({"a": shard("a", 0), "old": {"path": str(tmp_path / "old.npz")}})
     with pytest.raises(ValueError, match="no shard sketches"):
         load_sketches({})
+
+
+def test_methods_lists_the_registry_and_select_runs_a_model_based_one(tmp_path):
+    from skmm_pipeline.core.selection import METHOD_INFO
+
+    proc = skmm("methods")
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert listed == list(METHOD_INFO)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "F.npy", rng.normal(size=(60, 5)))
+    np.save(tmp_path / "y.npy", np.repeat(np.arange(3), 20))
+    proc = skmm("select", "--input", str(tmp_path / "F.npy"), "--labels", str(tmp_path / "y.npy"), "--n", "9",
+                "--method", "margin", "--output", str(tmp_path / "idx.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert len(set(np.load(tmp_path / "idx.npy").tolist())) == 9
+    proc = skmm("select", "--input", str(tmp_path / "F.npy"), "--n", "9", "--method", "margin",
+                "--output", str(tmp_path / "idx2.npy"))
+    assert proc.returncode == 2 and "labels" in proc.stderr and "Traceback" not in proc.stderr

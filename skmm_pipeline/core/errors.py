@@ -51,8 +51,3 @@ class MetricsUnavailable(SubsetVersionError):
 class SetupError(SkmmError, RuntimeError):
     """The environment is not set up for a run (e.g. DAGSTER_HOME missing or relative)."""
 
-
-def one_line(exc: BaseException) -> str:
-    """The message a user sees for ``exc``: its first line, or its class name when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.validation import InputError, check_int
 
 # Dense products run on chunks of a fixed number of rows, a multiple of 16: the CPU GEMM kernels give a
 # row the same bits wherever it sits in such a chunk, which is not true of odd small chunks.
@@ -44,12 +44,6 @@ def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed derived from ``seed`` and any labels, stable across platforms and processes."""
     text = "\x1f".join([str(int(seed))] + [str(p) for p in parts])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
-        raise InputError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -77,10 +71,10 @@ class Sketch(ABC):
     kind: str = ""
 
     def __init__(self, input_dim: int, sketch_dim: int, seed: int = 0, name: str = "params", shape=None):
-        sketch_dim = _positive_int(sketch_dim, "sketch_dim (m)")
-        input_dim = _positive_int(input_dim, "input_dim")
+        sketch_dim = check_int(sketch_dim, "sketch_dim (m)", minimum=1)
+        input_dim = check_int(input_dim, "input_dim", minimum=1)
         if shape is not None:
-            shape = tuple(_positive_int(s, "factor shape entry") for s in shape)
+            shape = tuple(check_int(s, "factor shape entry", minimum=1) for s in shape)
             if len(shape) != 2 or shape[0] * shape[1] != input_dim:
                 raise InputError(f"factor shape {shape} does not multiply to input_dim {input_dim}")
         self.identity = SketchIdentity(self.kind, int(seed), str(name), input_dim, sketch_dim, shape)
@@ -109,6 +103,19 @@ class Sketch(ABC):
         if not torch.isfinite(G).all():
             raise InputError("cannot sketch non-finite gradients (NaN or inf)")
         return self._apply(G)
+
+    def apply_rows(self, X, chunk_rows: int = 4096) -> np.ndarray:
+        """Sketch an N x input_dim host array (numpy, memory-mapped is fine) into an N x m float32 array,
+        ``chunk_rows`` rows at a time, so memory is the output plus one chunk."""
+        if getattr(X, "ndim", 0) != 2 or X.shape[1] != self.input_dim:
+            raise InputError(f"{self.kind} sketch expects rows of length {self.input_dim}, got shape "
+                             f"{tuple(getattr(X, 'shape', ()))}")
+        chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
+        out = np.empty((X.shape[0], self.sketch_dim), dtype=np.float32)
+        for lo in range(0, X.shape[0], chunk_rows):
+            block = torch.as_tensor(np.asarray(X[lo : lo + chunk_rows], dtype=np.float32))
+            out[lo : lo + chunk_rows] = self.apply(block).numpy()
+        return out
 
     def apply_outer(self, left: torch.Tensor, right: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
         """Sketch the rows ``g_i = sum_p left[i, p] (x) right[i, p]`` (row-major flattening), given the factors
@@ -169,7 +176,7 @@ class GaussianSketch(Sketch):
 
     def __init__(self, input_dim, sketch_dim, seed=0, name="params", shape=None, block_rows=4096, cache_bytes=256 << 20):
         super().__init__(input_dim, sketch_dim, seed, name, shape)
-        self.block_rows = _positive_int(block_rows, "block_rows")
+        self.block_rows = check_int(block_rows, "block_rows", minimum=1)
         self._cache: dict[tuple[int, str], torch.Tensor] | None = (
             {} if self.input_dim * self.sketch_dim * 4 <= cache_bytes else None
         )

@@ -24,6 +24,8 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
         raise InputError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
+        if minimum == 1:
+            raise InputError(f"{name} must be a positive integer, got {value}")
         raise InputError(f"{name} must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise InputError(f"{name} must be at most {maximum}, got {value}")

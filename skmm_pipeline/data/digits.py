@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skmm_pipeline.core import defaults
 from skmm_pipeline.data.shards import write_shard
 
 SPLIT_SEED = 20240707  # the split is part of the scenario, not of an experiment's seed
@@ -64,7 +65,7 @@ def load_digits_transfer() -> DigitsTransfer:
     )
 
 
-def write_digits_shards(landing_dir: Path, n_shards: int = 3, overwrite: bool = False) -> list[str]:
+def write_digits_shards(landing_dir: Path, n_shards: int = defaults.DEMO_SHARDS, overwrite: bool = False) -> list[str]:
     """Write the target pool as ``n_shards`` shard files into ``landing_dir``; returns the shard names."""
     landing_dir = Path(landing_dir)
     names = []

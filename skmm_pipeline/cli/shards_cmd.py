@@ -1,0 +1,35 @@
+"""``skmm shards``: land a demo delivery, or import a local dataset as pool shards / evaluation splits."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from skmm_pipeline.data.digits import write_new_digits_shard
+from skmm_pipeline.data.ingest import ImportRequest, import_dataset
+from skmm_pipeline.defs.resources import Workspace
+
+
+def run_add(args) -> int:
+    landing = Workspace(root=str(Path(args.root).resolve())).landing
+    name = write_new_digits_shard(landing, args.name, args.count, args.seed)
+    print(
+        f"landed shard {name!r} ({args.count} samples) in {landing}\n"
+        "The running `shard_sensor` (dagster dev) registers and sketches it; then run the `reselect` job,\n"
+        "or wait for `reselect_schedule`. Without the UI: `make demo` re-selects over all shards."
+    )
+    return 0
+
+
+def run_import(args) -> int:
+    ws = Workspace(root=str(Path(args.root).resolve()))
+    # The request's fields and defaults live in ImportRequest; the parser leaves unset options as None.
+    given = {f.name: getattr(args, f.name) for f in fields(ImportRequest) if getattr(args, f.name, None) is not None}
+    req = ImportRequest(**given)
+    res = import_dataset(req, ws.landing, ws.evaluation, backbone=args.backbone, image_size=args.image_size)
+    for name, rows in res.rows.items():
+        where = ws.landing if name in res.shards else ws.evaluation
+        print(f"wrote {where / (name + '.npz')} ({rows} images)")
+    print(f"{res.task}; {res.skipped} unreadable images skipped. The running `shard_sensor` (dagster dev) registers "
+          "and sketches new shards; or run the `import_data` job from the UI, which registers them itself.")
+    return 0
