@@ -17,6 +17,11 @@ m = 128 by default), the selection and the training. Runs the comparison core
     python benchmarks/digits_transfer.py [--seeds 20] [--finetune ft1|ft2|both] [--methods skmm,uniform,...]
         [--budgets 10,20,40,80,160] [--sketch-dim 128] [--no-class-balanced] [--csv rows.csv] [--plot plot.png]
     python benchmarks/digits_transfer.py --from-csv rows.csv      # the report of a saved run
+    python benchmarks/digits_transfer.py --from-csv rows.csv --markdown docs/results   # + the docs' excerpt
+
+``--markdown DIR`` also writes ``DIR/digits_transfer_<ft>.md`` per finetuning mode: the excerpt the README
+and docs/benchmarks.md show (SkMM and uniform of each group, the paired difference, the best other method
+of the group), which ``benchmarks/publish_docs.py`` copies into them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default="", help="write the tidy per-seed rows here")
     ap.add_argument("--plot", default="", help="write the accuracy-vs-n plot (PNG) here")
     ap.add_argument("--from-csv", default="", help="print the report of rows saved with --csv; run nothing")
+    ap.add_argument("--markdown", default="", help="also write the excerpt table per finetuning mode into this folder")
     args = ap.parse_args(argv)
     if args.from_csv:
         import pandas as pd
@@ -148,6 +155,52 @@ def report(df, args, seconds: float | None = None) -> None:
     print()
     for name, value in headlines:
         print(f"{name}: {value}")
+    if getattr(args, "markdown", ""):
+        for ft in dict.fromkeys(df.finetune):
+            path = Path(args.markdown) / f"digits_transfer_{ft.lower().replace('-', '')}.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(excerpt_markdown(summary, ft, len(seeds), pool_size) + "\n")
+            print(f"wrote {path}")
+
+
+def _best_other(summary, ft: str, group: str, exclude: set[str], n: int) -> str:
+    s = summary[(summary.finetune == ft) & (summary.group == group) & (summary.n == n) & ~summary.method.isin(exclude)]
+    s = s[s.seeds > 0]
+    if s.empty:
+        return "-"
+    top = s["mean"].max()
+    names = ", ".join(s[s["mean"] >= top - 1e-12].method)
+    row = s[s["mean"] >= top - 1e-12].iloc[0]
+    return f"{names} {100 * row['mean']:.1f} ± {100 * row['sem']:.1f}"
+
+
+def excerpt_markdown(summary, ft: str, seeds: int, pool_size) -> str:
+    """SkMM vs uniform in each group, with the paired difference and the group's best other method."""
+    refs = {cmp.LABEL_FREE: ("skmm", "uniform"), cmp.LABEL_USING: ("skmm" + cmp.CB_SUFFIX, "uniform" + cmp.CB_SUFFIX)}
+    head = ["n"]
+    groups = [g for g, (m, _) in refs.items() if (summary[(summary.finetune == ft)].method == m).any()]
+    for g in groups:
+        m, u = refs[g]
+        head += [m, u, f"{m} − {u} (paired)", f"best other {g}"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(method, n):
+        r = summary[(summary.finetune == ft) & (summary.method == method) & (summary.n == n)]
+        return "-" if r.empty or not r.seeds.iloc[0] else f"{100 * r['mean'].iloc[0]:.1f} ± {100 * r['sem'].iloc[0]:.1f}"
+
+    for n in sorted(set(summary[summary.finetune == ft].n) - {int(pool_size) if pool_size != "?" else -1}):
+        row = [str(n)]
+        for g in groups:
+            m, u = refs[g]
+            d = summary[(summary.finetune == ft) & (summary.method == m) & (summary.n == n)]
+            diff = "-" if d.empty or d["diff"].isna().iloc[0] else f"{100 * d['diff'].iloc[0]:+.1f} (z = {d['z'].iloc[0]:.1f})"
+            row += [cell(m, n), cell(u, n), diff, _best_other(summary, ft, g, {m, u}, n)]
+        rows.append("| " + " | ".join(row) + " |")
+    ceiling = summary[(summary.finetune == ft) & (summary.method == cmp.FULL_POOL)]
+    note = f"; full-pool ceiling {100 * ceiling['mean'].iloc[0]:.1f}%" if len(ceiling) else ""
+    caption = (f"{ft} test accuracy (%) on the digits 5–9 test split, mean ± s.e.m. over {seeds} seeds "
+               f"(pool {pool_size}){note}. Printed by `benchmarks/digits_transfer.py --markdown`.")
+    return caption + "\n\n" + "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ the embedded small CNN (8x8 digits, 5 classes). Each rate is samples per second,
 
 ``--json`` prints one JSON object as the last line (keys ``ft1_forward_fraction_224``,
 ``ft2_forward_fraction_224``, ``ft1_vs_vmap_224``, ``ft2_vs_vmap_224``, ``e2e_forward_fraction_224``,
-``device`` and every measured rate).
+``device`` and every measured rate). ``--table OUT...`` runs nothing and prints the docs' 224 px table from
+saved outputs (``docs/results/gpu_sketch_224.md``)::
+
+    python benchmarks/gpu_sketch.py --table docs/results/gpu_sketch_h200_quick.txt \
+        docs/results/gpu_sketch_cpu_quick.txt > docs/results/gpu_sketch_224.md
 """
 
 from __future__ import annotations
@@ -316,8 +320,34 @@ def run_model(name, size, dev, clock, m, result) -> None:
 
 
 
+def summary_table(outputs: list[str]) -> str:
+    """The docs' 224 px table (Markdown), one row per saved ``--json`` run (its last line is the JSON)."""
+    head = ["224 px, samples/s (forward fraction)", "forward, best", "FT-1 `expected`", "FT-1 `true` (vs vmap)",
+            "FT-2 `expected`", "FT-2 `true` (vs vmap)", "shard files → sketch, FT-1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path in outputs:
+        r = json.loads(Path(path).read_text().strip().splitlines()[-1])
+
+        def rate(key, frac=None, vmap=None):
+            extra = [f"{r[frac]:.2f}"] if frac else []
+            extra += [f"{r[vmap]:.1f}×"] if vmap else []
+            return f"{r[key]:,.0f}" + (f" ({', '.join(extra)})" if extra else "")
+
+        lines.append("| " + " | ".join([
+            f"{r['device']}, m = {r['m']}", rate("forward_224"),
+            rate("ft1_224", "ft1_forward_fraction_224"),
+            rate("ft1_true_224", "ft1_true_forward_fraction_224", "ft1_vs_vmap_224"),
+            rate("ft2_224", "ft2_forward_fraction_224"),
+            rate("ft2_true_224", "ft2_true_forward_fraction_224", "ft2_vs_vmap_224"),
+            rate("e2e_ft1_224", "e2e_ft1_forward_fraction_224"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", nargs="+", metavar="OUTPUT", default=None,
+                    help="run nothing: print the docs' Markdown table from saved --json outputs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="fewer samples and one timed pass (a smoke run)")
     ap.add_argument("--json", action="store_true", help="print one JSON object of the results as the last line")
@@ -327,6 +357,9 @@ def main() -> None:
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile the 224 px sketches on N samples")
     args = ap.parse_args()
+    if args.table:
+        print(summary_table(args.table))
+        return
     dev = resolve_device(args.device)
     m = args.m or (1024 if dev.type == "cuda" else 256)
     clock = Clock(dev, args.repeats or (1 if args.quick else 3))
