@@ -8,6 +8,7 @@ from pathlib import Path
 from skmm_pipeline.data.digits import write_new_digits_shard
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
 from skmm_pipeline.defs.resources import Workspace
+from skmm_pipeline.models.backbones import default_transform
 
 
 def run_add(args) -> int:
@@ -26,7 +27,7 @@ def run_import(args) -> int:
     # The request's fields and defaults live in ImportRequest; the parser leaves unset options as None.
     given = {f.name: getattr(args, f.name) for f in fields(ImportRequest) if getattr(args, f.name, None) is not None}
     req = ImportRequest(**given)
-    res = import_dataset(req, ws.landing, ws.evaluation, backbone=args.backbone, image_size=args.image_size)
+    res = import_dataset(req, ws.landing, ws.evaluation, default_transform(args.backbone, args.image_size))
     for name, rows in res.rows.items():
         where = ws.landing if name in res.shards else ws.evaluation
         print(f"wrote {where / (name + '.npz')} ({rows} images)")

@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skmm_pipeline.data.shards import ShardError, check_shard_name
-from skmm_pipeline.data.vision import DataError
+from skmm_pipeline.data.vision import (
+    CIFAR10,
+    DataError,
+    ImageCSV,
+    ImageFolder,
+    SMALL_CNN_TRANSFORM,
+    ImageTransform,
+    split_indices,
+    write_shards,
+    write_split,
+)
 
 SOURCES = ("cifar10", "imagefolder", "csv")
 ROLES = ("pool", "val", "test")
@@ -81,11 +91,7 @@ class ImportResult:
     task: str = ""
 
 
-def open_source(req: ImportRequest, backbone: str, image_size: int):
-    from skmm_pipeline.data.vision import CIFAR10, ImageCSV, ImageFolder
-    from skmm_pipeline.models.backbones import default_transform
-
-    tf = default_transform(backbone, image_size if backbone != "small_cnn" else None)
+def open_source(req: ImportRequest, tf: ImageTransform):
     if req.source == "cifar10":
         return CIFAR10(req.path, split=req.split, transform=tf)
     if req.source == "imagefolder":
@@ -93,21 +99,22 @@ def open_source(req: ImportRequest, backbone: str, image_size: int):
     return ImageCSV(req.path, transform=tf, path_column=req.path_column, target_column=req.target_column)
 
 
-def import_dataset(req: ImportRequest, landing_dir, eval_dir, backbone: str = "small_cnn",
-                   image_size: int = 224) -> ImportResult:
+def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTransform | None = None) -> ImportResult:
     """Write ``req``'s dataset into ``landing_dir`` (pool shards ``<prefix>-000.npz`` ...) and/or
     ``eval_dir`` (``val.npz``, ``test.npz``). Everything is checked before the first file is written:
     existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``.
     Files are written into a staging folder and moved into place at the end: an import that fails
     (e.g. an unreadable image with ``on_corrupt="raise"``) or is killed while writing leaves nothing
-    behind (its staging folders are cleared by a later import once they are a day old)."""
-    from skmm_pipeline.data.vision import split_indices, write_shards, write_split
+    behind (its staging folders are cleared by a later import once they are a day old).
 
+    ``transform`` turns each image into the model's input (``models.backbones.default_transform`` of
+    the backbone); the default is the embedded small CNN's (8 x 8 grey in [0, 1]).
+    """
     req = req.checked()
     landing_dir, eval_dir = Path(landing_dir), Path(eval_dir)
     if landing_dir.resolve() == eval_dir.resolve():
         raise DataError("the evaluation folder must differ from the landing folder (the sensor takes every .npz there)")
-    source = open_source(req, backbone, image_size)
+    source = open_source(req, transform or SMALL_CNN_TRANSFORM)
     labels = source.targets if source.task == "classification" else None
     n = len(source)
     targets: dict[str, object] = {}  # eval role -> row indices

@@ -128,6 +128,10 @@ class ImageTransform:
         return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
 
+# The embedded small CNN's input: 8 x 8 grey in [0, 1], like scikit-learn's digits.
+SMALL_CNN_TRANSFORM = ImageTransform(size=8, mode="L")
+
+
 # --------------------------------------------------------------------------------------------------
 # Sources
 

@@ -32,10 +32,11 @@ class ImportConfig(dg.Config):
 def import_dataset_op(context: dg.OpExecutionContext, config: ImportConfig, settings: SkmmSettings,
                       workspace: Workspace) -> dict:
     from skmm_pipeline.data.ingest import ImportRequest, import_dataset
+    from skmm_pipeline.models.backbones import default_transform
 
     req = ImportRequest(**config.model_dump())
-    result = import_dataset(req, workspace.landing, workspace.evaluation, backbone=settings.backbone,
-                            image_size=settings.image_size)
+    result = import_dataset(req, workspace.landing, workspace.evaluation,
+                            default_transform(settings.backbone, settings.image_size))
     if result.shards:
         context.instance.add_dynamic_partitions(shard_partitions.name, result.shards)
     summary = {"task": result.task, "shards": result.shards, "rows": result.rows, "skipped_images": result.skipped,

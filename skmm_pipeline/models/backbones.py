@@ -41,6 +41,7 @@ from torch import nn
 
 from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
 from skmm_pipeline.core.errors import BackboneWeightsError
+from skmm_pipeline.data.vision import SMALL_CNN_TRANSFORM, ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +262,11 @@ def architecture_of(model: nn.Module) -> str:
 def default_transform(model_or_arch, image_size: int | None = None):
     """The input transform the model expects (:class:`skmm_pipeline.data.vision.ImageTransform`):
     ImageNet normalisation at the model's input size for torchvision backbones, 8x8 grey in [0, 1]
-    for the small CNN."""
-    from skmm_pipeline.data.vision import ImageTransform
-
+    for the small CNN (``image_size`` is ignored for it)."""
     arch = model_or_arch if isinstance(model_or_arch, str) else architecture_of(model_or_arch)
     spec = _spec(arch)
     if arch == "small_cnn":
-        return ImageTransform(size=8, mode="L")
+        return SMALL_CNN_TRANSFORM
     if image_size is None:
         image_size = model_or_arch.image_size if isinstance(model_or_arch, Backbone) else spec.default_image_size
     return ImageTransform.imagenet(int(image_size))
