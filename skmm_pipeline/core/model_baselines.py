@@ -92,6 +92,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from skmm_pipeline.core.budgets import class_budgets
 from skmm_pipeline.core.validation import InputError, as_finite_matrix
 
 CHUNK_ROWS = 1 << 14
@@ -557,17 +558,11 @@ def _top(scores: np.ndarray, n: int, rng: np.random.Generator, largest: bool) ->
     return order[:n].astype(np.int64)
 
 
-def _budgets(y: np.ndarray, n: int) -> dict:
-    from skmm_pipeline.core.selection import class_budgets  # the API's largest-remainder split
-
-    return class_budgets(y, n)
-
-
 def _select_by_scores(scores, n, rng, largest, y, balance) -> np.ndarray:
     if not balance:
         return _top(scores, n, rng, largest)
     parts = []
-    for c, b in _budgets(y, n).items():
+    for c, b in class_budgets(y, n).items():
         if b:
             rows = np.flatnonzero(y == c)
             parts.append(rows[_top(scores[rows], b, rng, largest)])
@@ -648,7 +643,7 @@ def select_contextual_diversity(X, n, labels, *, seed=0, balance=False, **train)
         idx, diag = contextual_diversity_kcenter(logP, n, rng)
     else:
         parts, radius = [], 0.0
-        for c, b in _budgets(y, n).items():
+        for c, b in class_budgets(y, n).items():
             if b:
                 rows = np.flatnonzero(y == c)
                 sub, d = contextual_diversity_kcenter(logP[rows], b, rng)
@@ -686,7 +681,7 @@ def select_glister(X, n, labels, *, seed=0, val_X=None, val_labels=None, eta="au
         idx, diag = glister_greedy(X, y, head, n, step, XV, yV)
     else:
         parts, diag = [], {"eta": step}
-        for c, b in _budgets(y, n).items():
+        for c, b in class_budgets(y, n).items():
             if b:
                 rows = np.flatnonzero(y == c)
                 if XV is None:

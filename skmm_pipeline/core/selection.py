@@ -55,6 +55,7 @@ from typing import Callable
 import numpy as np
 
 from skmm_pipeline.core import baselines, model_baselines, moment_matching
+from skmm_pipeline.core.budgets import class_budgets
 from skmm_pipeline.core.moment_matching import MomentStats, moment_stats
 from skmm_pipeline.core.rounding import ROUNDINGS, round_to_subset
 from skmm_pipeline.core.validation import InputError, check_budget
@@ -387,42 +388,6 @@ def duplicate_rows(X, chunk_elems: int = 1 << 22) -> int:
         a, b = X[first[lo : lo + step]], X[second[lo : lo + step]]
         dup += int(np.all(a == b, axis=1).sum())
     return dup
-
-
-def class_budgets(labels: np.ndarray, n: int, given=None) -> dict:
-    """Per-class budgets: given (validated) or proportional to class sizes by largest remainder."""
-    classes, counts = np.unique(labels, return_counts=True)
-    if given is not None:
-        if not isinstance(given, dict):
-            raise InputError("class_budgets must be a dict {label: count}")
-        unknown = set(given) - set(classes.tolist())
-        if unknown:
-            raise InputError(f"class_budgets names labels not in the data: {sorted(unknown, key=str)[:5]}")
-        budgets = {c: int(given.get(c, 0)) for c in classes.tolist()}
-        if any(v < 0 for v in budgets.values()):
-            raise InputError("class budgets must be non-negative")
-        if sum(budgets.values()) != n:
-            raise InputError(f"class budgets sum to {sum(budgets.values())}, expected n={n}")
-        for c, cnt in zip(classes.tolist(), counts):
-            if budgets[c] > cnt:
-                raise InputError(f"class {c!r} has {cnt} samples, fewer than its budget {budgets[c]}")
-        return budgets
-    K = classes.size
-    quota = n * counts / counts.sum()
-    base = np.floor(quota).astype(int)
-    if n >= K:
-        base = np.maximum(base, 1)
-    base = np.minimum(base, counts)
-    while base.sum() > n:  # the at-least-one floor overshot: take back from the largest quotas
-        over = np.flatnonzero(base > 1)
-        base[over[np.argmax((base - quota)[over])]] -= 1
-    rem = quota - base
-    while base.sum() < n:
-        room = np.flatnonzero(base < counts)
-        j = room[np.argmax(rem[room])]
-        base[j] += 1
-        rem[j] -= 1
-    return {c: int(b) for c, b in zip(classes.tolist(), base)}
 
 
 def _run(method: str, X: np.ndarray, n: int, seed: int, labels, stats: MomentStats, options: dict):
