@@ -13,7 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from skmm_pipeline.core.validation import InputError, as_finite_matrix, check_float, check_int
+from skmm_pipeline.core.validation import (
+    InputError,
+    as_finite_matrix,
+    check_float,
+    check_int,
+)
 
 CHUNK_ROWS = 1 << 14
 MOMENTUM = 0.9

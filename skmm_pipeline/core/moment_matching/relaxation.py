@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from skmm_pipeline.core.moment_matching._compute import _chunks, _single_thread_blas
-from skmm_pipeline.core.moment_matching.statistics import MomentStats, moment_stats, principal_coordinates
+from skmm_pipeline.core.moment_matching.statistics import (
+    MomentStats,
+    moment_stats,
+    principal_coordinates,
+)
 from skmm_pipeline.core.validation import InputError, check_float
 
 

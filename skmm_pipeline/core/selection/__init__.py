@@ -50,7 +50,12 @@ selector returns), :mod:`.api` (:func:`select` and its input checks), one module
 """
 
 from skmm_pipeline.core.budgets import class_budgets
-from skmm_pipeline.core.selection.api import Selection, as_selection_matrix, duplicate_rows, select
+from skmm_pipeline.core.selection.api import (
+    Selection,
+    as_selection_matrix,
+    duplicate_rows,
+    select,
+)
 from skmm_pipeline.core.selection.geometric import GEOMETRIC
 from skmm_pipeline.core.selection.model_based import MODEL_BASED
 from skmm_pipeline.core.selection.registry import (

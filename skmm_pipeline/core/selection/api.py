@@ -15,7 +15,11 @@ from skmm_pipeline.core import moment_matching
 from skmm_pipeline.core.budgets import class_budgets
 from skmm_pipeline.core.moment_matching import MomentStats, moment_stats
 from skmm_pipeline.core.outliers import outlier_guard
-from skmm_pipeline.core.selection.registry import SELECTORS, SelectorResult, method_options
+from skmm_pipeline.core.selection.registry import (
+    SELECTORS,
+    SelectorResult,
+    method_options,
+)
 from skmm_pipeline.core.validation import InputError, check_budget, check_int
 
 
