@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from skmm_pipeline.core.moment_matching import MomentStats, intrinsic_dimension, moment_stats
+from skmm_pipeline.core.moment_matching import (
+    MomentStats,
+    intrinsic_dimension,
+    moment_stats,
+)
 from skmm_pipeline.core.rounding import proportional_inclusion, systematic_sample
 
 CHUNK_ROWS = 1 << 16

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.validation import InputError, check_float, check_int
 
 CHUNK = 1 << 15
 
@@ -105,8 +105,7 @@ def spatial_structure(images, chunk_elems: int = 1 << 24) -> np.ndarray:
 def lacks_structure(scores, threshold: float = 4.0) -> np.ndarray:
     """Flags (N bool) images whose :func:`spatial_structure` score lies more than ``threshold`` robust
     standard deviations below the median of ``scores``. Nothing is flagged when the scores do not vary."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise InputError(f"structure threshold must be a positive number of robust standard deviations, got {threshold!r}")
+    threshold = check_float(threshold, "structure threshold (robust standard deviations)", positive=True)
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or not np.isfinite(s).all():
         raise InputError("structure scores must be a finite 1-D array")
@@ -120,16 +119,15 @@ def lacks_structure(scores, threshold: float = 4.0) -> np.ndarray:
 def outlier_guard(X, n: int | None = None, *, threshold: float = 3.0, ridge: float = 0.01, iterations: int = 3) -> GuardResult:
     """Rows of ``X`` (N x m) that may be selected. At least ``n`` rows are always kept (the ``n`` with
     the lowest scores if the rule would keep fewer), so a budget stays satisfiable."""
-    if not (isinstance(threshold, (int, float)) and threshold > 1):
+    threshold = check_float(threshold, "outlier threshold")
+    if not threshold > 1:
         raise InputError(f"outlier threshold must be a number > 1 (a multiple of the median score), got {threshold!r}")
-    if not (isinstance(ridge, (int, float)) and ridge > 0):
-        raise InputError(f"outlier ridge must be a positive number, got {ridge!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
-        raise InputError(f"outlier iterations must be a positive integer, got {iterations!r}")
+    ridge = check_float(ridge, "outlier ridge", positive=True)
+    iterations = check_int(iterations, "outlier iterations", minimum=1)
     N = X.shape[0]
     keep = np.ones(N, dtype=bool)
     scores, cutoff = np.zeros(N), float("inf")
-    for _ in range(int(iterations)):
+    for _ in range(iterations):
         mu, C = _moments(X, np.flatnonzero(keep))
         w, V = np.linalg.eigh(C)
         top = float(w[-1])

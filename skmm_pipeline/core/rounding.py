@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.validation import InputError, check_int
 
 ROUNDINGS = ("systematic", "pipage")
 _INTEGRAL_TOL = 1e-9
@@ -147,8 +147,7 @@ def proportional_inclusion(scores, n: int) -> np.ndarray:
     if w.ndim != 1 or not np.all(np.isfinite(w)) or w.min(initial=0) < 0:
         raise InputError("scores must be a finite, non-negative 1-D vector")
     N = w.size
-    if not 0 < n <= N:
-        raise InputError(f"budget n={n} must be in 1..{N}")
+    n = check_int(n, "budget n", minimum=1, maximum=N)
     positive = int(np.count_nonzero(w > 0))
     if positive <= n:
         # Everything with a positive score is certain; the rest of the budget is spread evenly.
