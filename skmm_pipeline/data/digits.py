@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 from skmm_pipeline.core import defaults
-from skmm_pipeline.data.shards import write_shard
+from skmm_pipeline.core.validation import InputError, check_int
+from skmm_pipeline.data.shards import ShardError, check_shard_name, write_shard
 
 SPLIT_SEED = 20240707  # the split is part of the scenario, not of an experiment's seed
+SOURCE_CLASSES = (0, 1, 2, 3, 4)  # pretraining task
+TARGET_CLASSES = (5, 6, 7, 8, 9)  # the task selected for, relabelled 0..K-1 in this order
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class DigitsTransfer:
     pool: Split
     val: Split
     test: Split
-    num_classes: int = 5
+    num_classes: int = len(TARGET_CLASSES)
 
     def pool_shards(self, n_shards: int) -> list[tuple[str, Split]]:
         parts = np.array_split(np.arange(len(self.pool.labels)), n_shards)
@@ -40,29 +44,81 @@ class DigitsTransfer:
         ]
 
 
-def load_digits_transfer() -> DigitsTransfer:
-    from sklearn.datasets import load_digits
+def load_digits_transfer(source_classes=SOURCE_CLASSES, target_classes=TARGET_CLASSES,
+                         pool_per_class=None) -> DigitsTransfer:
+    """The digits transfer task: pretrain on ``source_classes`` (80/20), select for ``target_classes``
+    (relabelled 0..K-1 in the given order, split 60/20/20 into pool, validation and test).
 
+    ``pool_per_class`` (K counts, in ``target_classes`` order) keeps only that many pool images of each
+    class (the first ones of the shuffled pool), e.g. an imbalanced pool; validation and test keep
+    their class mix as drawn. The defaults give the embedded scenario.
+    """
+    source_classes, target_classes = _classes(source_classes, "source"), _classes(target_classes, "target")
+    if set(source_classes) & set(target_classes):
+        raise InputError(f"source and target classes overlap: {sorted(set(source_classes) & set(target_classes))}")
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(SPLIT_SEED)
 
-    src = rng.permutation(np.flatnonzero(labels < 5))
+    src = rng.permutation(np.flatnonzero(np.isin(labels, source_classes)))
     cut = int(0.8 * len(src))
-    tgt = rng.permutation(np.flatnonzero(labels >= 5))
+    tgt = rng.permutation(np.flatnonzero(np.isin(labels, target_classes)))
     a, b = int(0.6 * len(tgt)), int(0.8 * len(tgt))
 
-    def split(idx, offset=0):
-        return Split(images[idx], labels[idx] - offset)
+    def split(idx, classes):
+        relabel = np.full(10, -1, dtype=np.int64)
+        relabel[list(classes)] = np.arange(len(classes))
+        return Split(images[idx], relabel[labels[idx]])
 
+    pool = tgt[:a]
+    if pool_per_class is not None:
+        pool = _per_class(pool, labels, target_classes, pool_per_class)
     return DigitsTransfer(
-        source_train=split(src[:cut]),
-        source_val=split(src[cut:]),
-        pool=split(tgt[:a], 5),
-        val=split(tgt[a:b], 5),
-        test=split(tgt[b:], 5),
+        source_train=split(src[:cut], source_classes),
+        source_val=split(src[cut:], source_classes),
+        pool=split(pool, target_classes),
+        val=split(tgt[a:b], target_classes),
+        test=split(tgt[b:], target_classes),
+        num_classes=len(target_classes),
     )
+
+
+def _classes(classes, what: str) -> tuple[int, ...]:
+    out = tuple(check_int(c, f"{what} class", minimum=0, maximum=9) for c in classes)
+    if len(out) < 2 or len(set(out)) != len(out):
+        raise InputError(f"{what} classes must be at least two distinct digits, got {list(classes)}")
+    return out
+
+
+def _per_class(pool: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], counts) -> np.ndarray:
+    counts = list(counts)
+    if len(counts) != len(classes):
+        raise InputError(f"pool_per_class needs one count per target class ({len(classes)}), got {len(counts)}")
+    keep = np.zeros(len(pool), dtype=bool)
+    for c, k in zip(classes, counts):
+        rows = np.flatnonzero(labels[pool] == c)
+        k = check_int(k, f"pool_per_class for digit {c}", minimum=1)
+        if k > len(rows):
+            raise InputError(f"pool_per_class asks {k} images of digit {c}; the pool has {len(rows)}")
+        keep[rows[:k]] = True
+    return pool[keep]
+
+
+def jittered_copies(images: np.ndarray, rng: np.random.Generator, count: int, noise: float):
+    """``count`` variants of randomly drawn ``images`` rows, each rolled by a random ±1 pixel in both
+    directions, plus Gaussian pixel noise of std ``noise``, clipped to [0, 1]. Returns the variants
+    and the rows they come from (drawn in that order from ``rng``: rows, shifts, noise)."""
+    src = rng.integers(0, len(images), size=count)
+    out = images[src].copy()
+    shifts = rng.integers(-1, 2, size=(count, 2))
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            rows = np.flatnonzero((shifts[:, 0] == dy) & (shifts[:, 1] == dx))
+            if rows.size and (dy or dx):
+                out[rows] = np.roll(out[rows], (dy, dx), axis=(-2, -1))
+    out = np.clip(out + rng.normal(0, noise, size=out.shape), 0, 1).astype(np.float32)
+    return out, src
 
 
 def write_digits_shards(landing_dir: Path, n_shards: int = defaults.DEMO_SHARDS, overwrite: bool = False) -> list[str]:
@@ -83,8 +139,6 @@ def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: in
 
     Returns the shard name (``digits-new-<k>`` by default, the first unused k).
     """
-    from skmm_pipeline.data.shards import ShardError, check_shard_name
-
     landing_dir = Path(landing_dir)
     if name is None:
         k = 0
@@ -98,13 +152,7 @@ def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: in
     if count <= 0:
         raise ShardError(f"a shard needs at least one sample, got count={count}")
     pool = load_digits_transfer().pool
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(pool.labels), size=count)
-    images = pool.images[idx].copy()
-    shifts = rng.integers(-1, 2, size=(count, 2))
-    for i, (dy, dx) in enumerate(shifts):
-        images[i] = np.roll(images[i], shift=(int(dy), int(dx)), axis=(1, 2))
-    images = np.clip(images + rng.normal(0, 0.05, size=images.shape), 0, 1).astype(np.float32)
+    images, idx = jittered_copies(pool.images, np.random.default_rng(seed), count, noise=0.05)
     write_shard(path, images, pool.labels[idx])
     return name
 
@@ -141,12 +189,7 @@ def curation_pool(pool: Split, seed: int = 0, duplicate_frac: float = 0.2, corru
     n_dup, n_bad = int(round(duplicate_frac * total)), int(round(corrupt_frac * total))
     k = int(pool.labels.max()) + 1
 
-    src = rng.integers(0, n_clean, size=n_dup)
-    dups = pool.images[src].copy()
-    shifts = rng.integers(-1, 2, size=(n_dup, 2))
-    for i, (dy, dx) in enumerate(shifts):  # per image: a one-pixel roll, then light noise
-        dups[i] = np.roll(dups[i], (int(dy), int(dx)), axis=(-2, -1))
-    dups = np.clip(dups + rng.normal(0, 0.03, size=dups.shape), 0, 1).astype(np.float32)
+    dups, src = jittered_copies(pool.images, rng, n_dup, noise=0.03)
 
     base = pool.images[rng.integers(0, n_clean, size=n_bad)].copy()
     how = rng.integers(0, len(CORRUPTIONS), size=n_bad)
