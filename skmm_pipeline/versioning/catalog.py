@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skmm_pipeline.core.errors import MetricsUnavailable
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion
-from skmm_pipeline.versioning.subsets import (
+from skmm_pipeline.versioning.subset_files import (
     MANIFEST_FILE,
     SUBSET_FILE,
     read_manifest,
     read_subset_table,
 )
-from skmm_pipeline.core.errors import MetricsUnavailable
 
 __all__ = [
     "MetricsUnavailable", "SubsetCatalog", "VersionDetails", "VersionDiff", "default_tracking_uri",

@@ -56,7 +56,8 @@ from dvc.repo import Repo  # noqa: E402  (analytics must be off before DVC is im
 from dvc.utils.serialize import parse_yaml  # noqa: E402
 
 from skmm_pipeline.faults import kill_point  # noqa: E402
-from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.core.errors import SubsetVersionError  # noqa: E402
+from skmm_pipeline.versioning.subset_files import check_subset_files  # noqa: E402
 
 __all__ = ["SubsetStore", "SubsetVersion", "SubsetVersionError", "MODES"]
 
@@ -1065,8 +1066,6 @@ class SubsetStore:
                 raise SubsetVersionError(
                     f"content of {name!r} must be bytes, got {type(content).__name__}"
                 )
-        from skmm_pipeline.versioning.subsets import check_subset_files
-
         check_subset_files(files)
 
     def _swap_in_data(self, files: Mapping[str, bytes], undo: _Undo) -> None:
