@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.tracking.mlflow_store import run_tags, version_tags
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion
 from skmm_pipeline.versioning.subset_files import (
     MANIFEST_FILE,
@@ -245,8 +246,6 @@ def record_subset_version(
     if tracker is None:
         version = store.write_version(manifest.files(), manifest.tag_meta())
         return RecordedSubset(version, manifest, None)
-    from skmm_pipeline.tracking.mlflow_store import run_tags, version_tags
-
     tags = run_tags(dagster_run_id=manifest.dagster_run_id, asset=asset, partition=partition)
     name = run_name or f"{asset} {manifest.method} n={manifest.n}"
     with tracker.run(name, tags=tags) as run:
