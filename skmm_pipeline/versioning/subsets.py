@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import re
@@ -27,7 +26,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion, SubsetVersionError
+from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.tracking.mlflow_store import run_tags, version_tags
+from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion
+from skmm_pipeline.versioning.subset_files import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    SUBSET_COLUMNS,
+    SUBSET_FILE,
+    check_subset_files,
+    read_manifest,
+    read_subset_table,
+)
 
 __all__ = [
     "MANIFEST_FILE",
@@ -41,11 +51,6 @@ __all__ = [
     "read_subset_table",
     "record_subset_version",
 ]
-
-SUBSET_FILE = "subset.csv"
-MANIFEST_FILE = "manifest.json"
-SUBSET_COLUMNS = ("sample_id", "shard", "row", "weight", "rank")
-MANIFEST_FORMAT = "skmm-subset-manifest/1"
 
 _SHARD_ROW = re.compile(r"^(?P<shard>.+)/(?P<row>\d+)$")
 
@@ -241,8 +246,6 @@ def record_subset_version(
     if tracker is None:
         version = store.write_version(manifest.files(), manifest.tag_meta())
         return RecordedSubset(version, manifest, None)
-    from skmm_pipeline.tracking.mlflow_store import run_tags, version_tags
-
     tags = run_tags(dagster_run_id=manifest.dagster_run_id, asset=asset, partition=partition)
     name = run_name or f"{asset} {manifest.method} n={manifest.n}"
     with tracker.run(name, tags=tags) as run:
@@ -260,69 +263,6 @@ def record_subset_version(
         if version.push_error:
             run.set_tags({"dvc.push_error": version.push_error})
     return RecordedSubset(version, manifest, run.run_id)
-
-
-# ---------------------------------------------------------------------- reading and checking
-
-
-def read_manifest(content: bytes, where: str = MANIFEST_FILE) -> dict[str, Any]:
-    """Parse a ``manifest.json``; a clear :class:`SubsetVersionError` when it is corrupt."""
-    try:
-        manifest = json.loads(content.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SubsetVersionError(f"{where} is corrupt (not valid JSON: {exc})") from exc
-    if not isinstance(manifest, dict):
-        raise SubsetVersionError(
-            f"{where} is corrupt (expected a JSON object, got {type(manifest).__name__})"
-        )
-    return manifest
-
-
-def read_subset_table(content: bytes, where: str = SUBSET_FILE):
-    """Parse a ``subset.csv`` into a DataFrame; a clear error when it is corrupt."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(
-            io.BytesIO(content), dtype={"sample_id": str, "shard": str}, keep_default_na=False
-        )
-    except Exception as exc:
-        raise SubsetVersionError(f"{where} is corrupt (unreadable CSV: {exc})") from exc
-    if "sample_id" not in table.columns:
-        raise SubsetVersionError(
-            f"{where} is corrupt (no sample_id column; columns: {list(table.columns)})"
-        )
-    if (table["sample_id"] == "").any() or table["sample_id"].duplicated().any():
-        raise SubsetVersionError(f"{where} is corrupt (empty or repeated sample ids)")
-    for column, kind in (("row", "Int64"), ("weight", "float64"), ("rank", "Int64")):
-        if column not in table.columns:
-            continue
-        values = table[column].mask(table[column].astype(str) == "")
-        numeric = pd.to_numeric(values, errors="coerce")
-        if (numeric.isna() & values.notna()).any():
-            raise SubsetVersionError(f"{where} is corrupt (non-numeric values in {column})")
-        table[column] = numeric.astype(kind)
-    return table
-
-
-def check_subset_files(files: Mapping[str, bytes]) -> None:
-    """Refuse files that the browsing API could not read back (corrupt manifest or subset)."""
-    manifest = table = None
-    if MANIFEST_FILE in files:
-        manifest = read_manifest(bytes(files[MANIFEST_FILE]), f"{MANIFEST_FILE} to be versioned")
-    if SUBSET_FILE in files:
-        table = read_subset_table(bytes(files[SUBSET_FILE]), f"{SUBSET_FILE} to be versioned")
-    if manifest is None or manifest.get("format") != MANIFEST_FORMAT:
-        return
-    declared = manifest.get("subset_file") or {}
-    if SUBSET_FILE not in files:
-        raise SubsetVersionError(f"{MANIFEST_FILE} describes {SUBSET_FILE}, which is missing")
-    if declared.get("sha256") != hashlib.sha256(bytes(files[SUBSET_FILE])).hexdigest() or (
-        declared.get("rows") != len(table)
-    ):
-        raise SubsetVersionError(
-            f"{MANIFEST_FILE} does not match {SUBSET_FILE} (sha256 or row count differs)"
-        )
 
 
 def _csv_field(value: str) -> str:
