@@ -28,3 +28,4 @@ def test_select_is_deterministic():
         assert len(set(a.indices.tolist())) == 5
         assert "moment_ratio" in a.diagnostics
     assert not np.array_equal(select("uniform", X, 5, seed=1).indices, select("uniform", X, 5, seed=2).indices)
+

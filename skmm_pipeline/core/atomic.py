@@ -36,8 +36,21 @@ def temp_path(path, tag: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tag}", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600; the result keeps the usual mode
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a replaced file keeps, or a new file gets (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def commit(tmp, path) -> None:
