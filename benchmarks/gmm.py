@@ -22,17 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from skmm_pipeline.core.selection import select  # noqa: E402
-from skmm_pipeline.core.sketch import make_sketch  # noqa: E402
+from skmm_pipeline.core.selection import select
+from skmm_pipeline.data.synthetic import make_gmm, sketch_features
 
 BUDGETS = (48, 64, 80, 120, 200, 400, 800, 1600)
 METHODS = (
@@ -48,26 +44,6 @@ METHODS = (
     "k-center",
 )
 ALPHAS = np.logspace(-8, 4, 25)
-
-
-def make_gmm(seed: int, N: int = 3000, r: int = 5000, n_clusters: int = 10, std_max: float = 0.04):
-    """Features (N x r), labels (N,), cluster id (N,) of the paper's synthetic GMM."""
-    rng = np.random.default_rng(seed)
-    cuts = np.sort(rng.integers(1, N - 1, n_clusters - 1))
-    sizes = np.diff(np.concatenate([[0], cuts, [N]]))
-    norms = rng.integers(1, n_clusters + 1, n_clusters) * 10.0
-    std = std_max * rng.random(n_clusters)
-    theta = rng.normal(size=n_clusters)
-    cluster = np.repeat(np.arange(n_clusters), sizes)
-    X = rng.normal(size=(N, r)) * std[cluster][:, None]
-    X[np.arange(N), cluster] += norms[cluster]
-    y = (norms * theta)[cluster]
-    return X, y, cluster
-
-
-def sketch_features(X: np.ndarray, m: int, seed: int) -> np.ndarray:
-    sk = make_sketch("gaussian", X.shape[1], m, seed, "gmm-features")
-    return sk.apply(torch.as_tensor(X, dtype=torch.float64)).numpy()
 
 
 def ridge_cv_risk(X: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -95,7 +71,8 @@ def ridge_cv_risk(X: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.
 def run(seeds: int, budgets, methods, sketch_dim: int, options: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for seed in range(seeds):
-        X, y, cluster = make_gmm(seed)
+        gmm = make_gmm(seed)
+        X, y, cluster = gmm.X, gmm.y, gmm.cluster
         G = sketch_features(X, sketch_dim, seed)
         for n in budgets:
             for method in methods:

@@ -23,25 +23,22 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def small(repeats: int = 2, budgets=(48, 200)) -> str:
     import torch
 
     torch.set_num_threads(2)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gmm import make_gmm, sketch_features
+    from skmm_pipeline.data.synthetic import make_gmm, sketch_features
 
     from skmm_pipeline.core.moment_matching import moment_stats, subset_objective
     from skmm_pipeline.core.selection import select
 
-    X, y, cluster = make_gmm(0)
+    gmm = make_gmm(0)
+    X, cluster = gmm.X, gmm.cluster
     G = sketch_features(X, 40, 0)
     stats = moment_stats(G)
     runs = [
