@@ -11,6 +11,7 @@ from torch import nn
 
 from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
 from skmm_pipeline.core.sketch import Sketch
+from skmm_pipeline.core.validation import check_int
 
 
 class BodyHeadModel(nn.Module):
@@ -73,8 +74,20 @@ def pretrain(
     lr: float = 1e-3,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    threads: int | None = None,
 ) -> SmallCNN:
-    """Train the CNN on the source task; deterministic for a seed on a given device."""
+    """Train the CNN on the source task; deterministic for a seed, a device and a CPU thread count.
+
+    The weights depend on torch's CPU thread count (reductions split differently): ``threads`` fixes it
+    for the training and restores the global setting after; ``None`` trains with the current one.
+    """
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(check_int(threads, "threads", minimum=1))
+        try:
+            return pretrain(images, labels, num_classes, epochs, seed, lr, batch_size, device)
+        finally:
+            torch.set_num_threads(before)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = SmallCNN(num_classes).to(device)
