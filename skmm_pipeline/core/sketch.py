@@ -158,6 +158,11 @@ class Sketch(ABC):
         return out
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sketches sum in: float64 for float64 inputs, float32 for every other (half) precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_float(t: torch.Tensor) -> None:
     if not t.dtype.is_floating_point:
         raise InputError(f"sketches take floating-point inputs, got dtype {t.dtype}")
@@ -285,7 +290,7 @@ class _Hash:
                 return self.matmul(x)
             return self.gather(x)
         # index_add_ on the CPU adds in index order: deterministic.
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        x = x.to(_sum_dtype(x.dtype))
         first, second = self._tables(x.device, x.dtype, gather=False)
         out = x.new_zeros(*x.shape[:-1], self.m)
         return out.index_add_(x.ndim - 1, first, x * second)
@@ -312,8 +317,7 @@ class _Hash:
         where an atomic scatter is not. A half-precision ``x`` is gathered as it is (multiplying by a
         sign is exact) and summed in float32. Used on every device but the CPU; tested on the CPU."""
         first, second = self._tables(x.device, x.dtype, gather=True)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (x[..., first] * second).sum(-1, dtype=acc)
+        return (x[..., first] * second).sum(-1, dtype=_sum_dtype(x.dtype))
 
 
 class CountSketch(Sketch):
@@ -364,8 +368,7 @@ class TensorSketch(Sketch):
         if self.input_dim <= min(8 * P * m, ELEMENT_BUDGET):
             # Small gradient matrix, many positions (a conv layer): forming g = sum_p l_p r_p^T costs less
             # than 2P FFTs, and its composite-hash CountSketch is the same map.
-            if left.dtype not in (torch.float32, torch.float64):
-                left, right = left.float(), right.float()
+            left, right = left.to(_sum_dtype(left.dtype)), right.to(_sum_dtype(left.dtype))
             step = max(1, ELEMENT_BUDGET // self.input_dim)
             out = left.new_empty(B, m)
             for s in range(0, B, step):
@@ -376,7 +379,7 @@ class TensorSketch(Sketch):
         pc = min(P, max(1, ELEMENT_BUDGET // (64 * m)))
         rows = max(1, ELEMENT_BUDGET // (pc * m))
         # The factors may be half precision (autocast): their CountSketches are summed in float32.
-        out = left.new_empty(B, m, dtype=torch.float64 if left.dtype == torch.float64 else torch.float32)
+        out = left.new_empty(B, m, dtype=_sum_dtype(left.dtype))
         for s in range(0, B, rows):
             l, r = left[s : s + rows], right[s : s + rows]
             acc = None
