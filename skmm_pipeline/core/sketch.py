@@ -295,6 +295,14 @@ class _Hash:
         out = x.new_zeros(*x.shape[:-1], self.m)
         return out.index_add_(x.ndim - 1, first, x * second)
 
+    def rows(self, G: torch.Tensor) -> torch.Tensor:
+        """The CountSketch of the rows of ``G`` (B x dim), ``ELEMENT_BUDGET`` elements at a time, in G's dtype."""
+        out = G.new_empty(G.shape[0], self.m)
+        step = max(1, ELEMENT_BUDGET // self.dim)
+        for s in range(0, G.shape[0], step):
+            out[s : s + step] = self(G[s : s + step])
+        return out
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The same CountSketch as a product with its dense (dim x m) matrix of signs: for half-precision
         ``x`` on a GPU, a tensor-core GEMM whose products are exact (a sign times a half value) and whose
@@ -330,11 +338,7 @@ class CountSketch(Sketch):
         self.hash = _Hash(self.identity.seed, self.kind, self.identity.name, "", self.input_dim, self.sketch_dim)
 
     def _apply(self, G: torch.Tensor) -> torch.Tensor:
-        out = G.new_empty(G.shape[0], self.sketch_dim)
-        step = max(1, ELEMENT_BUDGET // self.input_dim)
-        for s in range(0, G.shape[0], step):
-            out[s : s + step] = self.hash(G[s : s + step])
-        return out
+        return self.hash.rows(G)
 
 
 class TensorSketch(Sketch):
@@ -356,11 +360,7 @@ class TensorSketch(Sketch):
     def _apply(self, G: torch.Tensor) -> torch.Tensor:
         if self._flat is None:
             self._flat = _Hash.composite(self.left, self.right)
-        out = G.new_empty(G.shape[0], self.sketch_dim)
-        step = max(1, ELEMENT_BUDGET // self.input_dim)
-        for s in range(0, G.shape[0], step):
-            out[s : s + step] = self._flat(G[s : s + step])
-        return out
+        return self._flat.rows(G)
 
     def _apply_outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         B, P = left.shape[:2]
