@@ -110,6 +110,16 @@ class BlockStream:
     def __call__(self, batches: Iterable) -> Iterator[Block]:
         pieces: list[tuple] = []
         have = offset = 0
+
+        def cut(rows: int) -> Block:
+            """The next ``rows`` carried samples as a block."""
+            nonlocal pieces, have, offset
+            block, pieces = _take(pieces, rows)
+            out = Block(*block, rows, offset)
+            offset += rows
+            have -= rows
+            return out
+
         for batch in batches:
             x, labels, keys = batch
             if len(x) == 0:
@@ -117,20 +127,12 @@ class BlockStream:
             pieces.append(self.put(x, labels, keys))
             have += len(x)
             while have >= self.rows():
-                R = self.rows()
-                block, pieces = _take(pieces, R)
-                yield Block(*block, R, offset)
-                offset += R
-                have -= R
+                yield cut(self.rows())
         if have:
             R = self.rows()
             while have > R:  # only after a back-off: the carried rows exceed the new block size
-                block, pieces = _take(pieces, R)
-                yield Block(*block, R, offset)
-                offset += R
-                have -= R
-            block, _ = _take(pieces, have)
-            yield Block(*block, have, offset)
+                yield cut(R)
+            yield cut(have)
 
 
 def _take(pieces: list[tuple], n: int) -> tuple[tuple, list[tuple]]:

@@ -158,6 +158,11 @@ class Sketch(ABC):
         return out
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sketches sum in: float64 for float64 inputs, float32 for every other (half) precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_float(t: torch.Tensor) -> None:
     if not t.dtype.is_floating_point:
         raise InputError(f"sketches take floating-point inputs, got dtype {t.dtype}")
@@ -285,10 +290,18 @@ class _Hash:
                 return self.matmul(x)
             return self.gather(x)
         # index_add_ on the CPU adds in index order: deterministic.
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        x = x.to(_sum_dtype(x.dtype))
         first, second = self._tables(x.device, x.dtype, gather=False)
         out = x.new_zeros(*x.shape[:-1], self.m)
         return out.index_add_(x.ndim - 1, first, x * second)
+
+    def rows(self, G: torch.Tensor) -> torch.Tensor:
+        """The CountSketch of the rows of ``G`` (B x dim), ``ELEMENT_BUDGET`` elements at a time, in G's dtype."""
+        out = G.new_empty(G.shape[0], self.m)
+        step = max(1, ELEMENT_BUDGET // self.dim)
+        for s in range(0, G.shape[0], step):
+            out[s : s + step] = self(G[s : s + step])
+        return out
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The same CountSketch as a product with its dense (dim x m) matrix of signs: for half-precision
@@ -312,8 +325,7 @@ class _Hash:
         where an atomic scatter is not. A half-precision ``x`` is gathered as it is (multiplying by a
         sign is exact) and summed in float32. Used on every device but the CPU; tested on the CPU."""
         first, second = self._tables(x.device, x.dtype, gather=True)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (x[..., first] * second).sum(-1, dtype=acc)
+        return (x[..., first] * second).sum(-1, dtype=_sum_dtype(x.dtype))
 
 
 class CountSketch(Sketch):
@@ -326,11 +338,7 @@ class CountSketch(Sketch):
         self.hash = _Hash(self.identity.seed, self.kind, self.identity.name, "", self.input_dim, self.sketch_dim)
 
     def _apply(self, G: torch.Tensor) -> torch.Tensor:
-        out = G.new_empty(G.shape[0], self.sketch_dim)
-        step = max(1, ELEMENT_BUDGET // self.input_dim)
-        for s in range(0, G.shape[0], step):
-            out[s : s + step] = self.hash(G[s : s + step])
-        return out
+        return self.hash.rows(G)
 
 
 class TensorSketch(Sketch):
@@ -352,11 +360,7 @@ class TensorSketch(Sketch):
     def _apply(self, G: torch.Tensor) -> torch.Tensor:
         if self._flat is None:
             self._flat = _Hash.composite(self.left, self.right)
-        out = G.new_empty(G.shape[0], self.sketch_dim)
-        step = max(1, ELEMENT_BUDGET // self.input_dim)
-        for s in range(0, G.shape[0], step):
-            out[s : s + step] = self._flat(G[s : s + step])
-        return out
+        return self._flat.rows(G)
 
     def _apply_outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         B, P = left.shape[:2]
@@ -364,8 +368,7 @@ class TensorSketch(Sketch):
         if self.input_dim <= min(8 * P * m, ELEMENT_BUDGET):
             # Small gradient matrix, many positions (a conv layer): forming g = sum_p l_p r_p^T costs less
             # than 2P FFTs, and its composite-hash CountSketch is the same map.
-            if left.dtype not in (torch.float32, torch.float64):
-                left, right = left.float(), right.float()
+            left, right = left.to(_sum_dtype(left.dtype)), right.to(_sum_dtype(left.dtype))
             step = max(1, ELEMENT_BUDGET // self.input_dim)
             out = left.new_empty(B, m)
             for s in range(0, B, step):
@@ -376,7 +379,7 @@ class TensorSketch(Sketch):
         pc = min(P, max(1, ELEMENT_BUDGET // (64 * m)))
         rows = max(1, ELEMENT_BUDGET // (pc * m))
         # The factors may be half precision (autocast): their CountSketches are summed in float32.
-        out = left.new_empty(B, m, dtype=torch.float64 if left.dtype == torch.float64 else torch.float32)
+        out = left.new_empty(B, m, dtype=_sum_dtype(left.dtype))
         for s in range(0, B, rows):
             l, r = left[s : s + rows], right[s : s + rows]
             acc = None

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from skmm_pipeline.core.atomic import atomic_write_bytes
-from skmm_pipeline.data.shards import Shard, ShardError, file_sha256, file_signature
+from skmm_pipeline.data.shards import (
+    Shard,
+    ShardError,
+    file_sha256,
+    file_signature,
+    max_abs,
+)
 
 CARRIES = {"classification": "class labels", "regression": "regression targets", None: "neither labels nor targets"}
 
@@ -53,16 +59,6 @@ class ShardContract:
                 raise ShardError(f"shard {name!r}: pixel values reach {peak:.4g}, beyond the {self.max_abs_pixel:g} the "
                                  "model's inputs take (8-bit images not scaled?): import them with skmm shards import, "
                                  "or raise settings.max_abs_pixel if this range is intended")
-
-
-def max_abs(images: np.ndarray, chunk: int = 1 << 22) -> float:
-    """The largest absolute pixel value, streamed (memory-mapped shards are not loaded whole)."""
-    step = max(1, chunk // max(1, int(np.prod(images.shape[1:]))))
-    peak = 0.0
-    for s in range(0, len(images), step):
-        block = np.asarray(images[s : s + step])
-        peak = max(peak, float(block.max()), -float(block.min()))
-    return peak
 
 
 class ShardHashes:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from skmm_pipeline.core.sketch_engine import GradientSketcher
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.validation import InputError, check_int
 from skmm_pipeline.data.shards import Shard
 
 MAX_AUTO_WORKERS = 8
@@ -42,9 +42,11 @@ def auto_workers(device: torch.device) -> int:
 
 
 def _check_count(value, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """:func:`check_int`, refused with the loader's one message for a wrong type and a value too small."""
+    try:
+        return check_int(value, what, minimum=minimum)
+    except InputError:
+        raise InputError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
 
 
 def shard_batches(shard: Shard, batch_size: int, device, *, labels: bool = False,

@@ -12,6 +12,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -98,6 +99,19 @@ def _checked_targets(what: str, targets: np.ndarray, n: int) -> np.ndarray:
 CHECK_ELEMS = 1 << 22  # values per step of the streamed finiteness and checksum pass
 
 
+def max_abs(images: np.ndarray, chunk: int = CHECK_ELEMS, visit: Callable[[np.ndarray], None] | None = None) -> float:
+    """The largest absolute pixel value, streamed ``chunk`` values at a time (memory-mapped shards are
+    not loaded whole); ``visit`` is called with every block read, in order, before it is measured."""
+    step = max(1, chunk // max(1, int(np.prod(images.shape[1:]))))
+    peak = 0.0
+    for lo in range(0, len(images), step):
+        block = np.asarray(images[lo : lo + step])
+        if visit is not None:
+            visit(block)
+        peak = max(peak, float(block.max()), -float(block.min()))  # no |block| temporary
+    return peak
+
+
 def _mapped_images(path: Path, info: zipfile.ZipInfo) -> tuple[np.memmap, bytes] | None:
     """The ``images.npy`` member of an uncompressed ``.npz`` as a copy-on-write memory map, with the
     bytes of its ``.npy`` header (for the checksum); ``None`` when it cannot be mapped (compressed,
@@ -162,15 +176,15 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
         raise ShardError(f"shard {name!r} at {path} is empty")
     verified = verify or mapped is None  # a loaded (not mapped) shard is always checked: it is in memory
     crc = zlib.crc32(mapped[1]) if mapped is not None and verified else None
-    step = max(1, CHECK_ELEMS // max(1, int(np.prod(images.shape[1:]))))
-    peak = 0.0 if verified else None
-    for lo in range(0, images.shape[0] if verified else 0, step):
-        block = np.asarray(images[lo : lo + step])
+
+    def check(block: np.ndarray) -> None:
+        nonlocal crc
         if not np.isfinite(block).all():
             raise ShardError(f"shard {name!r}: images contain NaN or inf")
-        peak = max(peak, float(block.max()), -float(block.min()))  # no |block| temporary
         if crc is not None:
             crc = zlib.crc32(block, crc)
+
+    peak = max_abs(images, visit=check) if verified else None
     if crc is not None and crc != info.CRC:
         raise ShardError(f"shard {name!r} at {path} is corrupt: the images fail their CRC-32 check")
     labels, targets = arrays.get("labels"), arrays.get("targets")
