@@ -173,3 +173,13 @@ def test_methods_lists_the_registry_and_select_runs_a_model_based_one(tmp_path):
     proc = skmm("select", "--input", str(tmp_path / "F.npy"), "--n", "9", "--method", "margin",
                 "--output", str(tmp_path / "idx2.npy"))
     assert proc.returncode == 2 and "labels" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shards_add_draws_a_fresh_seed_per_delivery_and_prints_it(tmp_path):
+    first = skmm("shards", "add", "--root", str(tmp_path), "--count", "10")
+    second = skmm("shards", "add", "--root", str(tmp_path), "--count", "10")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    seeds = [p.stdout.split("seed ")[1].split(",")[0] for p in (first, second)]
+    assert seeds[0] != seeds[1]
+    again = skmm("shards", "add", "--root", str(tmp_path), "--count", "10", "--seed", seeds[0])
+    assert again.returncode == 2 and "same images as shard 'digits-new-000'" in again.stderr

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from skmm_pipeline.core.errors import ShardError
 from skmm_pipeline.core.validation import InputError
-from skmm_pipeline.data.digits import jittered_copies, load_digits_transfer
+from skmm_pipeline.data.digits import jittered_copies, load_digits_transfer, write_new_digits_shard
+from skmm_pipeline.data.shards import read_shard
 
 
 def test_class_splits_relabel_in_the_given_order_and_stay_disjoint():
@@ -43,3 +45,14 @@ def test_jittered_copies_are_seeded_shifted_and_in_range():
     for img, s in zip(clean, src_a):
         assert any(np.allclose(img, np.roll(pool.images[s], (dy, dx), axis=(-2, -1)))
                    for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def test_a_delivery_records_its_seed_and_an_identical_delivery_is_refused(tmp_path):
+    name = write_new_digits_shard(tmp_path, count=12, seed=5)
+    shard = read_shard(tmp_path / f"{name}.npz")
+    with np.load(tmp_path / f"{name}.npz") as z:
+        assert all(s.endswith("@seed5") and s.startswith("pool/") for s in z["source_ids"].tolist())
+    assert len(shard.images) == 12
+    with pytest.raises(ShardError, match="same images as shard 'digits-new-000'"):
+        write_new_digits_shard(tmp_path, count=12, seed=5)
+    assert write_new_digits_shard(tmp_path, count=12, seed=6) == "digits-new-001"

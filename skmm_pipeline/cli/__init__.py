@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--root", default=".", help="project root; default: current directory")
     sa.add_argument("--name", default=None, help="shard name (default digits-new-<k>)")
     sa.add_argument("--count", type=int, default=100)
-    sa.add_argument("--seed", type=int, default=defaults.SEED)
+    sa.add_argument("--seed", type=int, default=None,
+                    help="seed of the delivery's variants (default: a fresh one, printed and recorded)")
     sa.set_defaults(run="shards_cmd:run_add")
     si = shsub.add_parser("import", help="import a local dataset (CIFAR-10, ImageFolder, CSV) as pool shards "
                           "and/or evaluation splits (the import_data job, from the command line)")

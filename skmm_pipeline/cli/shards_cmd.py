@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from skmm_pipeline.models.backbones import default_transform
 
 def run_add(args) -> int:
     landing = Workspace(root=str(Path(args.root).resolve())).landing
-    name = write_new_digits_shard(landing, args.name, args.count, args.seed)
+    seed = secrets.randbits(31) if args.seed is None else args.seed  # each delivery is new data by default
+    name = write_new_digits_shard(landing, args.name, args.count, seed)
     print(
-        f"landed shard {name!r} ({args.count} samples) in {landing}\n"
+        f"landed shard {name!r} ({args.count} samples, seed {seed}, recorded in its source_ids) in {landing}\n"
         "The running `shard_sensor` (dagster dev) registers and sketches it; then run the `reselect` job,\n"
         "or wait for `reselect_schedule`. Without the UI: `make demo` re-selects over all shards."
     )

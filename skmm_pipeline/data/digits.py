@@ -136,6 +136,8 @@ def write_digits_shards(landing_dir: Path, n_shards: int = defaults.DEMO_SHARDS,
 def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: int = 100, seed: int = 0) -> str:
     """Land a new delivery for the demo: ``count`` target-task digits, each a fresh variant of a pool
     image (random +-1 pixel shift and mild pixel noise), so growth can be tried without a download.
+    Each image's ``source_ids`` entry records its pool row and the seed (``pool/<row>@seed<seed>``).
+    A delivery whose images equal those of a shard already in ``landing_dir`` is refused.
 
     Returns the shard name (``digits-new-<k>`` by default, the first unused k).
     """
@@ -151,9 +153,19 @@ def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: in
         raise ShardError(f"shard {name!r} already exists at {path}; shards are immutable deliveries")
     if count <= 0:
         raise ShardError(f"a shard needs at least one sample, got count={count}")
+    seed = check_int(seed, "seed", minimum=0)
     pool = load_digits_transfer().pool
     images, idx = jittered_copies(pool.images, np.random.default_rng(seed), count, noise=0.05)
-    write_shard(path, images, pool.labels[idx])
+    for other in sorted(landing_dir.glob("*.npz")):
+        try:
+            with np.load(other, allow_pickle=False) as z:
+                same = "images" in z.files and z["images"].shape == images.shape and np.array_equal(z["images"], images)
+        except (OSError, ValueError):
+            continue  # an unreadable shard is the data contract's business, not a duplicate
+        if same:
+            raise ShardError(f"this delivery (seed {seed}) has the same images as shard {other.stem!r}; "
+                             "use another seed")
+    write_shard(path, images, pool.labels[idx], source_ids=[f"pool/{i}@seed{seed}" for i in idx])
     return name
 
 

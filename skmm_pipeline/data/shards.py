@@ -66,8 +66,9 @@ def file_sha256(path: Path) -> str:
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
-                targets: np.ndarray | None = None) -> None:
-    """Write a shard: ``labels`` (int, classification) or ``targets`` (float, regression) or neither."""
+                targets: np.ndarray | None = None, source_ids=None) -> None:
+    """Write a shard: ``labels`` (int, classification) or ``targets`` (float, regression) or neither, and
+    optionally where each image came from (``source_ids``, one string per image)."""
     name = check_shard_name(Path(path).stem)
     arrays = {"images": np.asarray(images, dtype=np.float32)}
     if labels is not None and targets is not None:
@@ -79,6 +80,10 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None
         arrays["labels"] = labels.astype(np.int64)
     if targets is not None:
         arrays["targets"] = _checked_targets(f"shard {name!r}", np.asarray(targets), len(arrays["images"]))
+    if source_ids is not None:
+        arrays["source_ids"] = np.array([str(s) for s in source_ids])
+        if arrays["source_ids"].shape != (len(arrays["images"]),):
+            raise ShardError(f"shard {name!r}: {len(arrays['source_ids'])} source ids for {len(arrays['images'])} images")
     atomic_save_npz(Path(path), **arrays)
 
 
