@@ -18,7 +18,7 @@ import dagster as dg
 import numpy as np
 
 from skmm_pipeline.data.contract import CARRIES
-from skmm_pipeline.faults import kill_point
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.defs.resources import DvcVersioning, MlflowTracking, SkmmSettings, Workspace
 
 # Content-hash data versions on outputs are how unchanged shards are recognised; the API is marked beta.

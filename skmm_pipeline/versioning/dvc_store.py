@@ -33,7 +33,7 @@ from typing import Any
 
 from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.errors import SubsetVersionError
-from skmm_pipeline.faults import kill_point
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.versioning._dvc import Repo, fetch_objects, open_repo, quiet_dvc
 from skmm_pipeline.versioning._git_history import GitHistory, in_git_work_tree
 from skmm_pipeline.versioning._history import DataLayout, History, SubsetVersion
