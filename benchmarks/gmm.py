@@ -29,6 +29,7 @@ import torch
 
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.data.synthetic import make_gmm, sketch_features
+from skmm_pipeline.evaluation.ridge import ridge_cv_risk
 
 BUDGETS = (48, 64, 80, 120, 200, 400, 800, 1600)
 METHODS = (
@@ -43,29 +44,6 @@ METHODS = (
     "herding",
     "k-center",
 )
-ALPHAS = np.logspace(-8, 4, 25)
-
-
-def ridge_cv_risk(X: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    """Risk (MSE over all rows) of ridge regression fit on rows ``idx``, alpha by shuffled 2-fold CV."""
-    Xs, ys = X[idx], y[idx]
-    perm = rng.permutation(idx.size)
-    folds = (perm[: idx.size // 2], perm[idx.size // 2 :])
-    cv = np.zeros(ALPHAS.size)
-    for tr, va in (folds, folds[::-1]):
-        K = Xs[tr] @ Xs[tr].T
-        ev, U = np.linalg.eigh(K)
-        ev = np.clip(ev, 0, None)
-        Kva = Xs[va] @ Xs[tr].T
-        Uy = U.T @ ys[tr]
-        for a, alpha in enumerate(ALPHAS):
-            pred = Kva @ (U @ (Uy / (ev + alpha)))
-            cv[a] += np.mean((pred - ys[va]) ** 2)
-    alpha = ALPHAS[int(np.argmin(cv))]
-    K = Xs @ Xs.T
-    coef = np.linalg.solve(K + alpha * np.eye(idx.size), ys)
-    theta = Xs.T @ coef
-    return float(np.mean((X @ theta - y) ** 2)), float(alpha)
 
 
 def run(seeds: int, budgets, methods, sketch_dim: int, options: dict[str, dict]) -> pd.DataFrame:
