@@ -132,7 +132,7 @@ def format_benchmark(bench: dict) -> str:
     """The selection_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
     import pandas as pd
 
-    from skmm_pipeline.core import comparison as cmp
+    from skmm_pipeline import evaluation as cmp
 
     summary = pd.DataFrame(bench["summary"])
     for col in ("mean", "sem", "diff", "diff_sem", "z"):

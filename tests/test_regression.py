@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from skmm_pipeline.core.finetune import DEFAULT_ALPHAS, EvalSplit, Standardizer, ridge_probe
+from skmm_pipeline.evaluation import DEFAULT_ALPHAS, EvalSplit, ridge_probe
+from skmm_pipeline.models.features import Standardizer
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, read_shard, write_shard

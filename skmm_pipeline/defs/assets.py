@@ -507,8 +507,8 @@ def load_labelled_pool(raw_shard: dict, pretrained_model: dict, settings: SkmmSe
 def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
     """FT-1: logistic head on pool-standardised frozen features, C chosen on validation; for regression
     (``labels`` are then the pool's targets) a ridge head, alpha chosen on validation by MAE."""
-    from skmm_pipeline.core.comparison import standardized_features
-    from skmm_pipeline.core.finetune import EvalSplit, linear_probe, ridge_probe
+    from skmm_pipeline.evaluation import EvalSplit, linear_probe, ridge_probe
+    from skmm_pipeline.models.features import standardized_features
 
     pool, (val_X, test_X) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
 
@@ -534,7 +534,7 @@ def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSetti
 def _ft2_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
     """FT-2: the last block and the head finetuned (lr, weight decay, epochs chosen on validation); for
     regression the one-output head on standardised targets, MSE loss, chosen by validation MAE."""
-    from skmm_pipeline.core.finetune import EvalSplit, finetune_tail
+    from skmm_pipeline.evaluation import EvalSplit, finetune_tail
     from skmm_pipeline.models.backbones import finetune_split
 
     prefix, tail = finetune_split(model, "ft2")
@@ -663,7 +663,7 @@ def finetune_eval(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline.core.finetune import FINETUNE_MODES
+    from skmm_pipeline.evaluation import FINETUNE_MODES
     from skmm_pipeline.core.sketch import derive_seed
 
     if settings.finetune_mode not in FINETUNE_MODES:

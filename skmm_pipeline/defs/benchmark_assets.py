@@ -1,7 +1,7 @@
 """``selection_benchmark``: every registered selection method on the pipeline's pool, budgets x seeds.
 
 Reads the same inputs as ``skmm_selection``/``finetune_eval`` (the registered shards, the pretrained
-model and the shard sketches), runs ``core.comparison.compare`` and reports mean ± s.e.m. per method
+model and the shard sketches), runs ``evaluation.compare`` and reports mean ± s.e.m. per method
 and budget, split into the label-free and the label-using group, with the paired difference to the
 group's uniform baseline. The stored sketch (made with ``settings.seed``) serves the first seed; the
 other seeds are sketched in-process by the sketch engine with the stored sketch's settings (checked
@@ -49,7 +49,7 @@ CLASSIFICATION_ONLY = ("selection_benchmark is classification-only (accuracy, cl
 
 def check_config(config: BenchmarkConfig) -> None:
     """Refuse a configuration the grid cannot run (before any work)."""
-    from skmm_pipeline.core.comparison import FINETUNE_MODES
+    from skmm_pipeline.evaluation import FINETUNE_MODES
     from skmm_pipeline.core.selection import SELECTORS
     from skmm_pipeline.core.validation import InputError
 
@@ -101,9 +101,10 @@ def selection_benchmark(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline.core import comparison as cmp
+    from skmm_pipeline import evaluation as cmp
     from skmm_pipeline.core.validation import InputError
     from skmm_pipeline.models.backbones import finetune_split
+    from skmm_pipeline.models.features import standardized_features
     from skmm_pipeline.tracking.mlflow_store import run_tags
 
     check_config(config)
@@ -121,7 +122,7 @@ def selection_benchmark(
     if identity.get("model_id") != pretrained_model["model_id"]:
         raise ValueError(f"the sketches were made with model {identity.get('model_id')}, the pretrained model is "
                          f"{pretrained_model['model_id']}: re-materialize gradient_sketch")
-    pool_f, (val_f, test_f) = cmp.standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
+    pool_f, (val_f, test_f) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
     pool = cmp.Split.of("pool", pool_f, labels, images, ids=ids)
     val = cmp.Split.of("val", val_f, ev.val.labels, ev.val.images, ids=ev.ids("val"))
     test = cmp.Split.of("test", test_f, ev.test.labels, ev.test.images, ids=ev.ids("test"))
