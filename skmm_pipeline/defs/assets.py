@@ -6,7 +6,6 @@ content hash; only small records pass through the IO manager.
 """
 
 
-import base64
 import hashlib
 import io
 import json
@@ -17,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.data.contract import CARRIES
+from skmm_pipeline.evaluation import EvalData, check_regression_model, image_markdown
 from skmm_pipeline.faults import kill_point
 from skmm_pipeline.defs.resources import DvcVersioning, MlflowTracking, SkmmSettings, Workspace
 
@@ -33,20 +32,6 @@ def _json_hash(obj) -> str:
 def fingerprint_of(sketch_versions: dict[str, str]) -> str:
     """Identifies the set of shard sketches a selection was made from (shard -> sketch data version)."""
     return _json_hash(sorted(sketch_versions.items()))
-
-
-def png_markdown(alt: str, png: bytes) -> dg.MetadataValue:
-    """A PNG shown inline in the Dagster UI's metadata (a Markdown image with a data URI)."""
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
-
-
-def _md_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def structure_scores(workspace: Workspace, name: str, sha: str, images: np.ndarray | None = None) -> np.ndarray:
@@ -142,7 +127,7 @@ def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, 
         meta["source_val_accuracy"] = accuracy(model, data.source_val.images, data.source_val.labels, device)
         meta["train_seconds"] = time.perf_counter() - t0
     else:
-        num_classes = settings.num_classes or eval_splits(workspace).num_classes
+        num_classes = settings.num_classes or EvalData(workspace.evaluation).num_classes
         weights = settings.backbone_weights or None
         model = build_backbone(settings.backbone, num_classes, weights=weights, seed=settings.seed,
                                image_size=settings.image_size)
@@ -167,7 +152,7 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
 
     if not settings.balance_blocks or len(resolve_layers(model, settings.sketch_layers)) < 2:
         return None
-    rows = eval_splits(workspace).val.images[: max(1, settings.calibration_rows)]
+    rows = EvalData(workspace.evaluation).val.images[: max(1, settings.calibration_rows)]
     return calibrate_block_scales(model, rows, layers=settings.sketch_layers, label_mode="expected",
                                   seed=settings.seed, device=device)
 
@@ -177,7 +162,7 @@ def shard_contract(workspace: Workspace, settings: SkmmSettings):
     from skmm_pipeline.data.contract import ShardContract
 
     # Shape, task and classes only: the splits' pixels are verified where they are used, not per shard.
-    ev = eval_splits(workspace, verify=False)
+    ev = EvalData(workspace.evaluation, verify=False)
     return ShardContract(tuple(ev.val.images.shape[1:]), ev.task, settings.num_classes or ev.num_classes,
                          settings.max_abs_pixel)
 
@@ -232,7 +217,7 @@ def gradient_sketch(
     model = load_backbone(Path(pretrained_model["path"]), device)
     shard = read_unchanged_shard(raw_shard)
     if shard.task == "regression":
-        check_regression_model(model, settings)
+        check_regression_model(model, settings.backbone)
     sketcher = make_sketcher(model, settings, workspace, pretrained_model["model_id"], device).prepare(shard.images)
     identity = sketcher.identity
     t0 = time.perf_counter()
@@ -390,261 +375,6 @@ def subset_version(
     return dg.Output(record, data_version=dg.DataVersion(version.data_md5), metadata=meta)
 
 
-class EvalData:
-    """Validation and test splits: ``val.npz``/``test.npz`` in the workspace's eval folder, or the
-    embedded digits splits when that folder has none.
-
-    ``task`` is what both splits carry: ``"classification"`` (``labels``) or ``"regression"``
-    (``targets``); a split with neither, or splits that disagree, are refused naming the files.
-    ``num_classes`` is 1 for regression (the model's one output). ``verify=False`` opens the splits
-    without a pass over their pixels (for their shape, task and classes alone)."""
-
-    def __init__(self, workspace: Workspace, verify: bool = True):
-        from skmm_pipeline.data.shards import read_shard
-
-        folder = workspace.evaluation
-        present = [name for name in ("val.npz", "test.npz") if (folder / name).is_file()]
-        if len(present) == 1:
-            missing = "test.npz" if present == ["val.npz"] else "val.npz"
-            raise ValueError(f"{folder} holds {present[0]} but no {missing}: put both evaluation splits there (e.g. "
-                             "the import_data job with role val / test), or neither to use the embedded digits splits")
-        if present:
-            self.files = {"val": folder / "val.npz", "test": folder / "test.npz"}
-            val, test = read_shard(self.files["val"], verify), read_shard(self.files["test"], verify)
-            for split, path in ((val, self.files["val"]), (test, self.files["test"])):
-                if split.task is None:
-                    raise ValueError(f"validation and test splits in {folder} need labels (classification) or targets "
-                                     f"(regression); {path} has neither")
-            if val.task != test.task:
-                raise ValueError(f"the validation and test splits disagree on the task: {self.files['val']} carries "
-                                 f"{CARRIES[val.task]}, {self.files['test']} {CARRIES[test.task]}; both need labels "
-                                 "(classification) or both targets (regression)")
-            self.val, self.test, self.source, self.task = val, test, str(folder), val.task
-        else:
-            from skmm_pipeline.data.digits import load_digits_transfer
-
-            data = load_digits_transfer()
-            self.val, self.test, self.source, self.task = data.val, data.test, "embedded digits", "classification"
-            self.files = {}
-        if self.task == "regression":
-            self.num_classes = 1
-        else:
-            self.num_classes = int(max(self.val.labels.max(), self.test.labels.max())) + 1
-
-    def ids(self, split: str) -> list[str]:
-        n = len(getattr(self, split).images)
-        return [f"{split}/{i}" for i in range(n)]
-
-    def y(self, split: str) -> np.ndarray:
-        """The split's labels (classification) or targets (regression)."""
-        s = getattr(self, split)
-        return s.targets if self.task == "regression" else s.labels
-
-    def describe(self) -> str:
-        files = ", ".join(str(p) for p in self.files.values()) or self.source
-        return f"the evaluation splits ({files}) carry {CARRIES[self.task]}"
-
-
-def eval_splits(workspace: Workspace, verify: bool = True) -> EvalData:
-    return EvalData(workspace, verify)
-
-
-def _read_pool(raw_shard: dict, unlabelled_error: str):
-    """The registered shards in shard-name order and their task (what every shard carries); unlabelled
-    shards raise ``ValueError(unlabelled_error)``, shards that disagree on the task are refused naming them."""
-    from skmm_pipeline.data.shards import read_shard
-
-    paths = [Path(raw_shard[name]["path"]) for name in sorted(raw_shard)]
-    shards = [read_shard(p) for p in paths]
-    if any(s.task is None for s in shards):
-        raise ValueError(unlabelled_error)
-    by_task: dict[str, list[str]] = {}
-    for s, p in zip(shards, paths):
-        by_task.setdefault(s.task, []).append(str(p))
-    if len(by_task) > 1:
-        raise ValueError("the pool shards disagree on the task: " + "; ".join(
-            f"{CARRIES[t]} in {files[:5]}" for t, files in sorted(by_task.items()))
-            + ". Every shard needs labels (classification) or every shard targets (regression)")
-    task = shards[0].task
-    return shards, task, [str(p) for p in paths]
-
-
-def check_same_task(pool_task: str, pool_files: list[str], ev: EvalData) -> str:
-    """The run's task: the pool and the evaluation splits must carry the same kind of targets."""
-    if pool_task != ev.task:
-        raise ValueError(f"the pool and the evaluation splits disagree on the task: the pool shards ({pool_files[:5]}) "
-                         f"carry {CARRIES[pool_task]} but {ev.describe()}; use labels everywhere (classification) "
-                         "or targets everywhere (regression)")
-    return pool_task
-
-
-def load_pool(raw_shard: dict, pretrained_model: dict, settings: SkmmSettings, unlabelled_error: str):
-    """The run's device, the pretrained model on it, and the registered pool in shard-name order:
-    ``(device, model, ids, y, images, task, files)``, ``y`` the labels (classification) or targets
-    (regression) as the shards carry them; raises ``ValueError(unlabelled_error)`` for unlabelled shards."""
-    from skmm_pipeline.models.backbones import load_backbone
-    from skmm_pipeline.models.small_cnn import select_device
-
-    device = select_device(settings.device)
-    model = load_backbone(Path(pretrained_model["path"]), device)
-    shards, task, files = _read_pool(raw_shard, unlabelled_error)
-    ids = [i for s in shards for i in s.ids]
-    y = np.concatenate([s.targets if task == "regression" else s.labels for s in shards])
-    return device, model, ids, y, np.concatenate([s.images for s in shards]), task, files
-
-
-def load_labelled_pool(raw_shard: dict, pretrained_model: dict, settings: SkmmSettings, unlabelled_error: str,
-                       regression_error: str = "this step needs class labels (classification only)"):
-    """The run's device, the pretrained model on it, and the registered pool in shard-name order:
-    ``(device, model, ids, labels, images)``; raises ``ValueError(unlabelled_error)`` for unlabelled shards
-    and ``ValueError`` with ``regression_error`` for shards with regression targets."""
-    device, model, ids, y, images, task, files = load_pool(raw_shard, pretrained_model, settings, unlabelled_error)
-    if task != "classification":
-        raise ValueError(f"{regression_error}: the pool shards carry regression targets ({files[:5]})")
-    return device, model, ids, y, images
-
-
-def _ft1_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
-    """FT-1: logistic head on pool-standardised frozen features, C chosen on validation; for regression
-    (``labels`` are then the pool's targets) a ridge head, alpha chosen on validation by MAE."""
-    from skmm_pipeline.evaluation import EvalSplit, linear_probe, ridge_probe
-    from skmm_pipeline.models.features import standardized_features
-
-    pool, (val_X, test_X) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
-
-    if ev.task == "regression":
-        val = EvalSplit(val_X, ev.y("val"), ev.ids("val"))
-        test = EvalSplit(test_X, ev.y("test"), ev.ids("test"))
-        ids = np.asarray(ids)
-
-        def run_ridge(idx):
-            r = ridge_probe(EvalSplit(pool[idx], labels[idx], ids[idx]), val, test, seed=settings.seed)
-            return {"test_mae": r.test_mae, "val_mae": r.val_metrics["mae"], "test_rmse": r.test_metrics["rmse"],
-                    "alpha": r.hyperparameters["alpha"]}
-
-        return run_ridge
-
-    def run(idx):
-        r = linear_probe(pool[idx], labels[idx], val_X, ev.val.labels, test_X, ev.test.labels, seed=settings.seed)
-        return {"test_accuracy": r.test_accuracy, "val_accuracy": r.val_accuracy, "macro_f1": r.test_macro_f1, "C": r.C}
-
-    return run
-
-
-def _ft2_evaluator(model, images, labels, ids, ev: EvalData, settings: SkmmSettings, device):
-    """FT-2: the last block and the head finetuned (lr, weight decay, epochs chosen on validation); for
-    regression the one-output head on standardised targets, MSE loss, chosen by validation MAE."""
-    from skmm_pipeline.evaluation import EvalSplit, finetune_tail
-    from skmm_pipeline.models.backbones import finetune_split
-
-    prefix, tail = finetune_split(model, "ft2")
-    val = EvalSplit(ev.val.images, ev.y("val"), ev.ids("val"))
-    test = EvalSplit(ev.test.images, ev.y("test"), ev.ids("test"))
-    ids = np.asarray(ids)
-
-    def run(idx):
-        train = EvalSplit(images[idx], labels[idx], ids[idx])
-        r = finetune_tail(prefix, tail, train, val, test, task=ev.task, seed=settings.seed, device=device)
-        if ev.task == "regression":
-            return {"test_mae": r.test_mae, "val_mae": r.val_metrics["mae"],
-                    **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
-        return {"test_accuracy": r.test_accuracy, "val_accuracy": r.val_metrics.get("accuracy", float("nan")),
-                "macro_f1": r.test_macro_f1, **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
-
-    return run
-
-
-def _accuracy_plot(rows: list[dict], metric: str = "test_accuracy") -> bytes:
-    """Bars per finetuning mode and subset (s.e.m. error bars): test accuracy in [0, 1], or test MAE
-    (``metric="test_mae"``, lower is better) from 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 1, 2.8), dpi=80)
-    labels = [f"{r['finetune']}\n{r['method']}" for r in rows]
-    colors = [f"C{i % 3}" for i in range(len(rows))]
-    ax.bar(labels, [r[metric] for r in rows], yerr=[r["sem"] for r in rows], color=colors)
-    ax.tick_params(axis="x", labelsize=6)
-    if metric == "test_accuracy":
-        ax.set_ylabel("FT-1 test accuracy")
-        ax.set_ylim(0, 1)
-    else:
-        ax.set_ylabel("test MAE (lower is better)")
-        ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-# Per task: (the test metric, the validation metric, its short name in metric keys, an extra test metric).
-SUMMARY_METRICS = {"classification": ("test_accuracy", "val_accuracy", "acc", "macro_f1"),
-                   "regression": ("test_mae", "val_mae", "mae", "test_rmse")}
-
-
-def _summarize(scores: dict, method: str, uniform_keys: list[str], n: int, pool_size: int, task: str):
-    """``(rows, metrics, eval_rows)`` of the run: per finetuning mode the SkMM subset, the mean ± s.e.m.
-    of the uniform subsets and the full pool. Metric keys: ``acc_skmm``, ``acc_uniform_mean``,
-    ``acc_uniform_sem``, ``acc_full_pool``, ``val_acc_skmm``, ``macro_f1_skmm`` (classification) or the
-    same with ``mae`` plus ``rmse_skmm``/``rmse_uniform_mean``/``rmse_full_pool`` where FT-1 gives RMSE
-    (regression); FT-2's are prefixed ``ft2_``."""
-    main, val, short, extra = SUMMARY_METRICS[task]
-    rows, metrics, eval_rows = [], {}, []
-    for mode, by_subset in scores.items():
-        prefix = "" if mode == "FT-1" else "ft2_"
-        uni = [by_subset[k][main] for k in uniform_keys]
-        sem = float(np.std(uni, ddof=1) / np.sqrt(len(uni))) if len(uni) > 1 else 0.0
-        mean_uni = float(np.mean(uni)) if uni else float("nan")
-        sk, full = by_subset[method], by_subset["full_pool"]
-        mode_rows = [
-            {"finetune": mode, "method": method, "n": n, main: round(sk[main], 4), "sem": 0.0},
-            {"finetune": mode, "method": f"uniform (x{len(uni)})", "n": n, main: round(mean_uni, 4), "sem": round(sem, 4)},
-            {"finetune": mode, "method": "full pool", "n": pool_size, main: round(full[main], 4), "sem": 0.0},
-        ]
-        metrics.update({
-            f"{prefix}{short}_skmm": sk[main], f"{prefix}{short}_uniform_mean": mean_uni,
-            f"{prefix}{short}_uniform_sem": sem, f"{prefix}{short}_full_pool": full[main],
-            f"{prefix}val_{short}_skmm": sk[val],
-        })
-        if extra in sk:
-            uni_extra = float(np.mean([by_subset[k][extra] for k in uniform_keys])) if uni else float("nan")
-            if task == "classification":
-                for row, value in zip(mode_rows, (sk[extra], uni_extra, full[extra])):
-                    row[extra] = round(value, 4)
-                metrics[f"{prefix}macro_f1_skmm"] = sk[extra]
-            else:
-                metrics.update({f"{prefix}rmse_skmm": sk[extra], f"{prefix}rmse_full_pool": full[extra],
-                                **({f"{prefix}rmse_uniform_mean": uni_extra} if uni else {})})
-        rows += mode_rows
-        eval_rows += [
-            {"method": f"{prefix}{method}", "n": n, main: sk[main], val: sk[val]},
-            {"method": f"{prefix}uniform", "n": n, main: mean_uni, f"{main}_sem": sem},
-            {"method": f"{prefix}full_pool", "n": pool_size, main: full[main]},
-        ]
-    return rows, metrics, eval_rows
-
-
-def check_regression_model(model, settings: SkmmSettings) -> None:
-    """A regression pool is sketched and finetuned through a one-output head; refuse any other model."""
-    if model.num_classes != 1:
-        hint = ("the embedded small CNN keeps the 5 outputs of its digits pretraining" if settings.backbone == "small_cnn"
-                else "settings.num_classes must be 0 (one output when the evaluation splits carry targets) or 1")
-        raise ValueError(f"a regression pool (targets) needs a model with one output; the pretrained model "
-                         f"({settings.backbone}) has {model.num_classes} ({hint}): use a torchvision backbone, "
-                         "e.g. backbone='resnet18', and re-materialize pretrained_model")
-
-
-def _check_regression_setup(model, settings: SkmmSettings) -> None:
-    """Refuse, before any training, what a regression run cannot do."""
-    if settings.label_mode in ("random", "true"):
-        raise ValueError(f"label_mode={settings.label_mode!r} takes gradients of a classification loss; a regression "
-                         "pool (targets) needs label_mode='expected' (label-free): re-sketch with it")
-    check_regression_model(model, settings)
-
-
 @dg.asset(
     group_name="skmm",
     code_version="1",
@@ -663,47 +393,19 @@ def finetune_eval(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline.evaluation import FINETUNE_MODES
-    from skmm_pipeline.core.sketch import derive_seed
+    from skmm_pipeline.evaluation import evaluate_selection, rows_markdown
 
-    if settings.finetune_mode not in FINETUNE_MODES:
-        raise ValueError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {settings.finetune_mode!r}")
-    device, model, ids, labels, images, pool_task, pool_files = load_pool(
-        raw_shard, pretrained_model, settings, "finetune_eval needs labelled shards to train the head on the selected subset")
-    ev = eval_splits(workspace)
-    task = check_same_task(pool_task, pool_files, ev)
-    if task == "regression":
-        _check_regression_setup(model, settings)
-    position = {sid: k for k, sid in enumerate(ids)}
-    missing = [s for s in skmm_selection["sample_ids"] if s not in position]
-    if missing:
-        raise ValueError(f"{len(missing)} selected ids are not in the registered shards, e.g. {missing[:3]}")
-
-    n = len(skmm_selection["sample_ids"])
-    method = skmm_selection["method"]
-    subsets = {method: np.array([position[s] for s in skmm_selection["sample_ids"]])}
-    # Uniform baselines: seeded draws of the same size, as the `uniform` selector makes them.
-    uniform_keys = [f"uniform#{r}" for r in range(settings.uniform_repeats)]
-    for r, key in enumerate(uniform_keys):
-        rng = np.random.default_rng(derive_seed(settings.seed, "uniform", r))
-        subsets[key] = rng.choice(len(ids), size=n, replace=False)
-    subsets["full_pool"] = np.arange(len(ids))
-
-    scores: dict[str, dict[str, dict]] = {}  # mode -> subset -> {test_accuracy, macro_f1, ...} or {test_mae, ...}
-    for mode in FINETUNE_MODES[settings.finetune_mode]:
-        evaluate = _ft1_evaluator if mode == "FT-1" else _ft2_evaluator
-        run_one = evaluate(model, images, labels, ids, ev, settings, device)
-        scores[mode] = {key: run_one(idx) for key, idx in subsets.items()}
-
-    rows, metrics, eval_rows = _summarize(scores, method, uniform_keys, n, len(ids), task)
-    metrics = {"moment_ratio": float(skmm_selection["diagnostics"]["moment_ratio"]), **metrics}
-    plot = _accuracy_plot(rows, SUMMARY_METRICS[task][0])
+    result = evaluate_selection(
+        raw_shard, pretrained_model["path"], workspace.evaluation, skmm_selection, device=settings.device,
+        finetune_mode=settings.finetune_mode, seed=settings.seed, uniform_repeats=settings.uniform_repeats,
+        label_mode=settings.label_mode, backbone=settings.backbone)
+    task, rows, metrics, plot = result.task, result.rows, result.metrics, result.plot
     params = {
-        "method": method, "budget": n, "seed": settings.seed, "pool_size": len(ids),
+        "method": result.method, "budget": result.n, "seed": settings.seed, "pool_size": result.pool_size,
         "sketch_kind": settings.sketch_kind, "sketch_dim": settings.sketch_dim, "label_mode": settings.label_mode,
         "sketch_layers": settings.sketch_layers,
         "finetune": settings.finetune_mode, "model_id": pretrained_model["model_id"], "backbone": settings.backbone,
-        "eval_splits": ev.source,
+        "eval_splits": result.eval_source,
     }
     if task == "regression":
         params["task"] = task
@@ -716,9 +418,9 @@ def finetune_eval(
         run.log_params(params)
         run.log_metrics(metrics)
         kill_point("finetune_eval")
-        run.log_eval_metrics(eval_rows)
+        run.log_eval_metrics(result.eval_rows)
         run.log_artifact_bytes(plot_name, plot, "plots")
-        run.log_json("results.json", {"rows": rows, "scores": scores})
+        run.log_json("results.json", {"rows": rows, "scores": result.scores})
         run.log_json("selection.json", skmm_selection)
     record = {
         "rows": rows,
@@ -732,8 +434,8 @@ def finetune_eval(
     return dg.Output(
         record,
         metadata={
-            "results": dg.MetadataValue.md(_md_table(rows)),
-            "plot": png_markdown("MAE" if task == "regression" else "accuracy", plot),
+            "results": dg.MetadataValue.md(rows_markdown(rows)),
+            "plot": dg.MetadataValue.md(image_markdown("MAE" if task == "regression" else "accuracy", plot)),
             **{k: float(v) for k, v in metrics.items()},
             "mlflow_run_id": run.run_id,
             "mlflow_tracking_uri": mlflow.tracking_uri,

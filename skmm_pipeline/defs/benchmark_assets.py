@@ -19,7 +19,7 @@ import time
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_sketches, png_markdown
+from skmm_pipeline.defs.assets import load_sketches
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 
 
@@ -109,12 +109,13 @@ def selection_benchmark(
 
     check_config(config)
     t0 = time.perf_counter()
-    ev = eval_splits(workspace)
+    ev = cmp.EvalData(workspace.evaluation)
     if ev.task != "classification":
         raise InputError(f"{CLASSIFICATION_ONLY}: {ev.describe()}")
-    device, model, ids, labels, images = load_labelled_pool(
-        raw_shard, pretrained_model, settings, "selection_benchmark needs labelled shards to train and to score the subsets",
-        regression_error=CLASSIFICATION_ONLY)
+    data = cmp.load_labelled_pool(
+        raw_shard, pretrained_model["path"], settings.device,
+        "selection_benchmark needs labelled shards to train and to score the subsets", regression_error=CLASSIFICATION_ONLY)
+    device, model, ids, labels, images = data.device, data.model, data.ids, data.y, data.images
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
         raise ValueError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
@@ -177,7 +178,7 @@ def selection_benchmark(
         record,
         metadata={
             "results": dg.MetadataValue.md(table),
-            "plot": png_markdown("selection benchmark", plot),
+            "plot": dg.MetadataValue.md(cmp.image_markdown("selection benchmark", plot)),
             "methods": dg.MetadataValue.json([s.label for s in specs]),
             "seeds": dg.MetadataValue.json(seeds),
             "budgets": dg.MetadataValue.json(list(config.budgets)),

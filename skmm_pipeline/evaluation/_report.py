@@ -3,6 +3,7 @@ the metric-vs-budget plot, and JSON-safe rows."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from typing import Sequence
@@ -25,6 +26,31 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def render_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout); the figure is closed."""
+    plt = pyplot()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_markdown(alt: str, png: bytes) -> str:
+    """A PNG as an inline Markdown image (a data URI), e.g. for the Dagster UI's metadata."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    """Records with the same keys as a Markdown table (the first record's keys as columns); ``""`` for none."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _cell(mean, sem, seeds, failed, scale, digits) -> str:
@@ -126,11 +152,7 @@ def plot_comparison(summary: pd.DataFrame, metric_label: str = "test accuracy (%
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return render_png(fig)
 
 
 def to_json_records(df: pd.DataFrame) -> list[dict]:
