@@ -46,9 +46,9 @@ def run_demo(
 
     from skmm_pipeline.core.validation import check_budget
     from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
-    from skmm_pipeline.defs.assets import shard_partitions
+    from skmm_pipeline.defs.automation import scan_landing
+    from skmm_pipeline.defs.ingest import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
-    from skmm_pipeline.defs.sensors import scan_landing
     from skmm_pipeline.definitions import build_definitions
     from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
 

@@ -15,7 +15,8 @@ from conftest import git
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, write_shard
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import ALL_ASSETS, shard_partitions
+from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.demo import SetupError, run_demo
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersionError

@@ -18,7 +18,7 @@ from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, read_shard, write_shard
 from skmm_pipeline.data.vision import ImageCSV, write_shards, write_split
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import shard_partitions
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.models.backbones import default_transform
 from skmm_pipeline.versioning.dvc_store import SubsetStore

@@ -183,7 +183,8 @@ def test_selection_benchmark_asset(project, tmp_path):
     from skmm_pipeline.data.digits import write_digits_shards
     from skmm_pipeline.data.shards import read_shard
     from skmm_pipeline.definitions import build_definitions
-    from skmm_pipeline.defs.assets import load_sketches, shard_partitions
+    from skmm_pipeline.data.pool import load_sketches
+    from skmm_pipeline.defs.ingest import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
     from skmm_pipeline.demo import format_benchmark
     from skmm_pipeline.models.backbones import load_backbone

@@ -19,8 +19,14 @@ import time
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.defs.assets import load_sketches
+from skmm_pipeline import evaluation as cmp
+from skmm_pipeline.core.selection import SELECTORS
+from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.data.pool import load_sketches
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
+from skmm_pipeline.models.backbones import finetune_split
+from skmm_pipeline.models.features import standardized_features
+from skmm_pipeline.tracking.mlflow_store import run_tags
 
 
 class BenchmarkConfig(dg.Config):
@@ -49,12 +55,8 @@ CLASSIFICATION_ONLY = ("selection_benchmark is classification-only (accuracy, cl
 
 def check_config(config: BenchmarkConfig) -> None:
     """Refuse a configuration the grid cannot run (before any work)."""
-    from skmm_pipeline.evaluation import FINETUNE_MODES
-    from skmm_pipeline.core.selection import SELECTORS
-    from skmm_pipeline.core.validation import InputError
-
-    if config.finetune not in FINETUNE_MODES:
-        raise InputError(f"finetune must be one of {sorted(FINETUNE_MODES)}, got {config.finetune!r}")
+    if config.finetune not in cmp.FINETUNE_MODES:
+        raise InputError(f"finetune must be one of {sorted(cmp.FINETUNE_MODES)}, got {config.finetune!r}")
     if config.seeds < 1:
         raise InputError(f"seeds must be at least 1, got {config.seeds}")
     if not config.budgets or any(b <= 0 for b in config.budgets):
@@ -101,12 +103,6 @@ def selection_benchmark(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline import evaluation as cmp
-    from skmm_pipeline.core.validation import InputError
-    from skmm_pipeline.models.backbones import finetune_split
-    from skmm_pipeline.models.features import standardized_features
-    from skmm_pipeline.tracking.mlflow_store import run_tags
-
     check_config(config)
     t0 = time.perf_counter()
     ev = cmp.EvalData(workspace.evaluation)
@@ -192,5 +188,3 @@ def selection_benchmark(
         },
     )
 
-
-BENCHMARK_ASSETS = [selection_benchmark]
