@@ -29,12 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skmm_pipeline.core.finetune import Standardizer, linear_probe
 from skmm_pipeline.core.outliers import lacks_structure, outlier_guard, spatial_structure
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.data.digits import CORRUPTIONS, curation_pool, load_digits_transfer
-from skmm_pipeline.models.small_cnn import extract_features, pretrain
+from skmm_pipeline.evaluation import linear_probe
+from skmm_pipeline.models.features import Standardizer, extract_features
+from skmm_pipeline.models.small_cnn import pretrain
 
 METHODS = {
     "skmm": ("skmm", {}),

@@ -3,7 +3,7 @@
 The pretrained CNN is fixed (pretrained once with seed 0, as a user's pretrained model would be). Each
 seed fixes the gradient sketch (the engine's Gaussian sketch of the head's label-free Jacobian rows,
 m = 128 by default), the selection and the training. Runs the comparison core
-(``skmm_pipeline.core.comparison``) and prints, per finetuning mode:
+(``skmm_pipeline.evaluation``) and prints, per finetuning mode:
 
 * the label-free group (methods that never see a label) and the label-using group (class-balanced
   variants ``<method>-cb`` and the model-based baselines, which train a head on the labelled pool),
@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from skmm_pipeline.core import comparison as cmp
-from skmm_pipeline.core.finetune import FinetuneGrid
+from skmm_pipeline import evaluation as cmp
 from skmm_pipeline.data.digits import load_digits_transfer
+from skmm_pipeline.evaluation import FinetuneGrid
 from skmm_pipeline.models.backbones import finetune_split
+from skmm_pipeline.models.features import standardized_features
 from skmm_pipeline.models.small_cnn import pretrain
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     log("pretrained")
     torch.set_num_threads(args.threads)
     threadpool_limits(limits=args.threads, user_api="blas")
-    pool_f, (val_f, test_f) = cmp.standardized_features(model, data.pool.images, [data.val.images, data.test.images])
+    pool_f, (val_f, test_f) = standardized_features(model, data.pool.images, [data.val.images, data.test.images])
     pool = cmp.Split.of("pool", pool_f, data.pool.labels, data.pool.images)
     val = cmp.Split.of("val", val_f, data.val.labels, data.val.images)
     test = cmp.Split.of("test", test_f, data.test.labels, data.test.images)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(df, args, seconds: float | None = None) -> None:
-    """Print the tables and the headline lines of a run (the tidy rows of ``comparison.compare``)."""
+    """Print the tables and the headline lines of a run (the tidy rows of ``evaluation.compare``)."""
     summary = cmp.summarize(df)
     if args.plot:
         with open(args.plot, "wb") as fh:

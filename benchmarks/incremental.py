@@ -18,9 +18,9 @@ import dagster as dg
 
 from skmm_pipeline.data.digits import write_new_digits_shard
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import gradient_sketch
+from skmm_pipeline.defs.automation import shard_sensor
 from skmm_pipeline.defs.resources import SkmmSettings
-from skmm_pipeline.defs.sensors import shard_sensor
+from skmm_pipeline.defs.sketch import gradient_sketch
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}

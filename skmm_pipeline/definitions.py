@@ -7,12 +7,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from skmm_pipeline.defs.assets import ALL_ASSETS, shard_partitions
-from skmm_pipeline.defs.benchmark_assets import BENCHMARK_ASSETS
-from skmm_pipeline.defs.checks import ALL_CHECKS
-from skmm_pipeline.defs.ingest import import_data
+from skmm_pipeline.defs import benchmark_assets, evaluation, ingest, selection, sketch, versioning
+from skmm_pipeline.defs.automation import reselect_schedule, shard_sensor
+from skmm_pipeline.defs.ingest import import_data, shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, default_resources
-from skmm_pipeline.defs.sensors import reselect_schedule, shard_sensor
+
+# The pipeline's modules, in the order of the graph: raw_shard[p] -> gradient_sketch[p] -> skmm_selection
+# -> subset_version -> finetune_eval; the benchmark's assets apart (a job of their own).
+PIPELINE_MODULES = [ingest, sketch, selection, versioning, evaluation]
+PIPELINE_ASSETS = dg.load_assets_from_modules(PIPELINE_MODULES)
+BENCHMARK_ASSETS = dg.load_assets_from_modules([benchmark_assets])
+ASSET_CHECKS = dg.load_asset_checks_from_modules(PIPELINE_MODULES + [benchmark_assets])
 
 # The units of work a user runs: import a dataset (once per delivery, by run config), pretrain
 # (rarely), sketch one shard (per delivery), re-select over everything (after new shards, or on a
@@ -39,6 +44,7 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
         return None
     if choice != "celery":
         raise ValueError(f"SKMM_EXECUTOR must be 'multiprocess' or 'celery', got {choice!r}")
+    # An optional dependency, needed only when SKMM_EXECUTOR=celery: imported here, not at module top.
     from dagster_celery import celery_executor
 
     return celery_executor.configured(
@@ -57,8 +63,8 @@ def build_definitions(
     if settings is not None:
         resources["settings"] = settings
     return dg.Definitions(
-        assets=ALL_ASSETS + BENCHMARK_ASSETS,
-        asset_checks=ALL_CHECKS,
+        assets=[*PIPELINE_ASSETS, *BENCHMARK_ASSETS],
+        asset_checks=ASSET_CHECKS,
         jobs=JOBS,
         sensors=[shard_sensor],
         schedules=[reselect_schedule],

@@ -47,9 +47,9 @@ def run_demo(
 
     from skmm_pipeline.core.validation import check_budget
     from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
-    from skmm_pipeline.defs.assets import shard_partitions
+    from skmm_pipeline.defs.automation import scan_landing
+    from skmm_pipeline.defs.ingest import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
-    from skmm_pipeline.defs.sensors import scan_landing
     from skmm_pipeline.definitions import build_definitions
     from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
 
@@ -133,7 +133,7 @@ def format_benchmark(bench: dict) -> str:
     """The selection_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
     import pandas as pd
 
-    from skmm_pipeline.core import comparison as cmp
+    from skmm_pipeline import evaluation as cmp
 
     summary = pd.DataFrame(bench["summary"])
     for col in ("mean", "sem", "diff", "diff_sem", "z"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skmm_pipeline.core.sketch_io import save_sketch_shard
-from skmm_pipeline.defs.assets import load_sketches
+from skmm_pipeline.data.pool import load_sketches
 
 
 def skmm(*args, cwd=None, env=None):

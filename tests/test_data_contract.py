@@ -14,7 +14,7 @@ from skmm_pipeline.data.contract import ShardContract, ShardHashes, max_abs
 from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
 from skmm_pipeline.data.shards import Shard, ShardError, file_sha256, read_shard, write_shard
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import shard_partitions
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 
 DIGITS = ShardContract(image_shape=(1, 8, 8), task="classification", num_classes=5, max_abs_pixel=20.0)

@@ -12,7 +12,7 @@ from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from procs import free_port, http_ok, start, stop, wait_for
 from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shard
-from skmm_pipeline.defs.assets import gradient_sketch
+from skmm_pipeline.defs.sketch import gradient_sketch
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -5,16 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from skmm_pipeline.core.finetune import (
-    EvalSplit,
-    FinetuneGrid,
-    Standardizer,
-    finetune_tail,
-    linear_probe,
-    macro_f1,
-)
 from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.evaluation import EvalSplit, FinetuneGrid, finetune_tail, linear_probe, macro_f1
 from skmm_pipeline.models.backbones import build_backbone, finetune_split, parameter_set
+from skmm_pipeline.models.features import Standardizer
 
 SMALL_GRID = FinetuneGrid(lrs=(1e-3, 1e-2), weight_decays=(0.0, 0.1), epochs=(2, 6), batch_size=16)
 

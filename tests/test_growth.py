@@ -14,9 +14,10 @@ from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shar
 from skmm_pipeline.core.atomic import atomic_save_npz
 from skmm_pipeline.data.shards import ShardError, write_shard
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import gradient_sketch, shard_partitions
+from skmm_pipeline.defs.automation import reselect_request, shard_sensor
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
-from skmm_pipeline.defs.sensors import reselect_request, shard_sensor
+from skmm_pipeline.defs.sketch import gradient_sketch
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 

@@ -15,7 +15,8 @@ from conftest import git
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, write_shard
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import ALL_ASSETS, shard_partitions
+from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.demo import SetupError, run_demo
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersionError
@@ -205,7 +206,7 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     from skmm_pipeline.core.sketch_io import read_sketch_shard
     from skmm_pipeline.data.digits import write_digits_shards
     from skmm_pipeline.data.shards import read_shard
-    from skmm_pipeline.defs.assets import eval_splits
+    from skmm_pipeline.evaluation import EvalData
     from skmm_pipeline.models.backbones import load_backbone
 
     settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
@@ -234,7 +235,7 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     sk = GradientSketcher(model, 32, kind="tensorsketch", seed=3, layers="ft2", label_mode="random", draws=2,
                           block_scales=scales, model_id=ident["model_id"], device="cpu")
     assert np.array_equal(sk.sketch(data.images, sample_ids=data.ids), np.asarray(shard.rows))
-    assert len(eval_splits(ws).val.images) >= 64
+    assert len(EvalData(ws.evaluation).val.images) >= 64
 
 
 def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project):

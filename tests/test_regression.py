@@ -11,13 +11,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from skmm_pipeline.core.finetune import DEFAULT_ALPHAS, EvalSplit, Standardizer, ridge_probe
+from skmm_pipeline.evaluation import DEFAULT_ALPHAS, EvalSplit, ridge_probe
+from skmm_pipeline.models.features import Standardizer
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, read_shard, write_shard
 from skmm_pipeline.data.vision import ImageCSV, write_shards, write_split
 from skmm_pipeline.definitions import build_definitions
-from skmm_pipeline.defs.assets import shard_partitions
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.models.backbones import default_transform
 from skmm_pipeline.versioning.dvc_store import SubsetStore
@@ -157,41 +158,40 @@ def test_write_shard_refuses_bad_targets(tmp_path):
 
 def test_eval_splits_and_pool_decide_the_task_and_refuse_mixtures(tmp_path):
     from skmm_pipeline.core.atomic import atomic_write_bytes
-    from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_pool
     from skmm_pipeline.defs.resources import Workspace
+    from skmm_pipeline.evaluation import EvalData, load_labelled_pool, load_pool
     from skmm_pipeline.models.backbones import build_backbone, save_backbone
 
     ws = Workspace(root=str(tmp_path))
     images = np.zeros((5, 1, 8, 8), np.float32)
     write_shard(ws.evaluation / "val.npz", images, targets=np.arange(5.0))
     write_shard(ws.evaluation / "test.npz", images, targets=np.arange(5.0) + 1)
-    ev = eval_splits(ws)
+    ev = EvalData(ws.evaluation)
     assert ev.task == "regression" and ev.num_classes == 1 and ev.y("test").tolist() == [1, 2, 3, 4, 5]
     assert ev.ids("val") == [f"val/{i}" for i in range(5)]
     write_shard(ws.evaluation / "test.npz", images, np.arange(5) % 2)
     with pytest.raises(ValueError, match="disagree on the task") as exc:
-        eval_splits(ws)
+        EvalData(ws.evaluation)
     assert "val.npz carries regression targets" in str(exc.value) and "test.npz class labels" in str(exc.value)
     write_shard(ws.evaluation / "val.npz", images)
     with pytest.raises(ValueError, match="val.npz has neither"):
-        eval_splits(ws)
+        EvalData(ws.evaluation)
     (ws.evaluation / "test.npz").unlink()  # one split alone never falls back to the embedded digits
     with pytest.raises(ValueError, match="holds val.npz but no test.npz"):
-        eval_splits(ws)
+        EvalData(ws.evaluation)
 
     model_path = ws.artifacts / "model.pt"
     atomic_write_bytes(model_path, save_backbone(build_backbone("small_cnn", 5, weights=None)))
     write_shard(ws.landing / "a.npz", images, targets=np.ones(5))
     write_shard(ws.landing / "b.npz", images, targets=np.zeros(5))
     raw = {name: {"path": str(ws.landing / f"{name}.npz")} for name in ("a", "b")}
-    settings = SkmmSettings(device="cpu")
-    _, _, ids, y, _, task, _ = load_pool(raw, {"path": str(model_path)}, settings, "unlabelled")
-    assert task == "regression" and ids[:2] == ["a/0", "a/1"] and y.tolist() == [1] * 5 + [0] * 5
+    pool = load_pool(raw, model_path, "cpu", "unlabelled")
+    assert pool.task == "regression" and pool.ids[:2] == ["a/0", "a/1"] and pool.y.tolist() == [1] * 5 + [0] * 5
     with pytest.raises(ValueError, match="benchmark is classification-only: the pool shards carry regression targets"):
-        load_labelled_pool(raw, {"path": str(model_path)}, settings, "unlabelled", "benchmark is classification-only")
+        load_labelled_pool(raw, model_path, "cpu", "unlabelled", "benchmark is classification-only")
     write_shard(ws.landing / "b.npz", images, np.zeros(5, dtype=np.int64))
     with pytest.raises(ValueError, match="pool shards disagree on the task") as exc:
-        load_pool(raw, {"path": str(model_path)}, settings, "unlabelled")
+        load_pool(raw, model_path, "cpu", "unlabelled")
     assert "a.npz" in str(exc.value) and "b.npz" in str(exc.value)
 
 

@@ -11,9 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from skmm_pipeline.core import comparison as cmp
-from skmm_pipeline.core.finetune import FinetuneGrid
+from skmm_pipeline import evaluation as cmp
+from skmm_pipeline.core.selection import method_info
 from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.evaluation import FinetuneGrid
 
 K = 4  # classes of the synthetic task
 
@@ -144,7 +145,7 @@ def test_default_specs_and_sketch_failures(splits):
     labels = [s.label for s in specs]
     assert "skmm-v1-reference" not in labels and labels[0] == "skmm" and "uniform-cb" in labels
     assert all(s.group == "label-free" for s in specs if not s.class_balanced and s.input == "any"
-               and cmp.method_info(s.method)["group"] == "label-free")
+               and method_info(s.method)["group"] == "label-free")
     assert all(s.input == "features" and s.uses_labels for s in specs if s.input != "any")
     assert {s.group for s in cmp.default_specs(class_balanced=False)} == {"label-free"}
     with pytest.raises(InputError, match="unknown selection method"):
@@ -182,7 +183,8 @@ def test_selection_benchmark_asset(project, tmp_path):
     from skmm_pipeline.data.digits import write_digits_shards
     from skmm_pipeline.data.shards import read_shard
     from skmm_pipeline.definitions import build_definitions
-    from skmm_pipeline.defs.assets import load_sketches, shard_partitions
+    from skmm_pipeline.data.pool import load_sketches
+    from skmm_pipeline.defs.ingest import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
     from skmm_pipeline.demo import format_benchmark
     from skmm_pipeline.models.backbones import load_backbone

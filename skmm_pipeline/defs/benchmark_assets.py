@@ -1,7 +1,7 @@
 """``selection_benchmark``: every registered selection method on the pipeline's pool, budgets x seeds.
 
 Reads the same inputs as ``skmm_selection``/``finetune_eval`` (the registered shards, the pretrained
-model and the shard sketches), runs ``core.comparison.compare`` and reports mean ± s.e.m. per method
+model and the shard sketches), runs ``evaluation.compare`` and reports mean ± s.e.m. per method
 and budget, split into the label-free and the label-using group, with the paired difference to the
 group's uniform baseline. The stored sketch (made with ``settings.seed``) serves the first seed; the
 other seeds are sketched in-process by the sketch engine with the stored sketch's settings (checked
@@ -19,8 +19,14 @@ import time
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.defs.assets import eval_splits, load_labelled_pool, load_sketches, png_markdown
+from skmm_pipeline import evaluation as cmp
+from skmm_pipeline.core.selection import SELECTORS
+from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.data.pool import load_sketches
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
+from skmm_pipeline.models.backbones import finetune_split
+from skmm_pipeline.models.features import standardized_features
+from skmm_pipeline.tracking.mlflow_store import run_tags
 
 
 class BenchmarkConfig(dg.Config):
@@ -49,12 +55,8 @@ CLASSIFICATION_ONLY = ("selection_benchmark is classification-only (accuracy, cl
 
 def check_config(config: BenchmarkConfig) -> None:
     """Refuse a configuration the grid cannot run (before any work)."""
-    from skmm_pipeline.core.comparison import FINETUNE_MODES
-    from skmm_pipeline.core.selection import SELECTORS
-    from skmm_pipeline.core.validation import InputError
-
-    if config.finetune not in FINETUNE_MODES:
-        raise InputError(f"finetune must be one of {sorted(FINETUNE_MODES)}, got {config.finetune!r}")
+    if config.finetune not in cmp.FINETUNE_MODES:
+        raise InputError(f"finetune must be one of {sorted(cmp.FINETUNE_MODES)}, got {config.finetune!r}")
     if config.seeds < 1:
         raise InputError(f"seeds must be at least 1, got {config.seeds}")
     if not config.budgets or any(b <= 0 for b in config.budgets):
@@ -101,19 +103,15 @@ def selection_benchmark(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
-    from skmm_pipeline.core import comparison as cmp
-    from skmm_pipeline.core.validation import InputError
-    from skmm_pipeline.models.backbones import finetune_split
-    from skmm_pipeline.tracking.mlflow_store import run_tags
-
     check_config(config)
     t0 = time.perf_counter()
-    ev = eval_splits(workspace)
+    ev = cmp.EvalData(workspace.evaluation)
     if ev.task != "classification":
         raise InputError(f"{CLASSIFICATION_ONLY}: {ev.describe()}")
-    device, model, ids, labels, images = load_labelled_pool(
-        raw_shard, pretrained_model, settings, "selection_benchmark needs labelled shards to train and to score the subsets",
-        regression_error=CLASSIFICATION_ONLY)
+    data = cmp.load_labelled_pool(
+        raw_shard, pretrained_model["path"], settings.device,
+        "selection_benchmark needs labelled shards to train and to score the subsets", regression_error=CLASSIFICATION_ONLY)
+    device, model, ids, labels, images = data.device, data.model, data.ids, data.y, data.images
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
         raise ValueError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
@@ -121,7 +119,7 @@ def selection_benchmark(
     if identity.get("model_id") != pretrained_model["model_id"]:
         raise ValueError(f"the sketches were made with model {identity.get('model_id')}, the pretrained model is "
                          f"{pretrained_model['model_id']}: re-materialize gradient_sketch")
-    pool_f, (val_f, test_f) = cmp.standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
+    pool_f, (val_f, test_f) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
     pool = cmp.Split.of("pool", pool_f, labels, images, ids=ids)
     val = cmp.Split.of("val", val_f, ev.val.labels, ev.val.images, ids=ev.ids("val"))
     test = cmp.Split.of("test", test_f, ev.test.labels, ev.test.images, ids=ev.ids("test"))
@@ -176,7 +174,7 @@ def selection_benchmark(
         record,
         metadata={
             "results": dg.MetadataValue.md(table),
-            "plot": png_markdown("selection benchmark", plot),
+            "plot": dg.MetadataValue.md(cmp.image_markdown("selection benchmark", plot)),
             "methods": dg.MetadataValue.json([s.label for s in specs]),
             "seeds": dg.MetadataValue.json(seeds),
             "budgets": dg.MetadataValue.json(list(config.budgets)),
@@ -190,5 +188,3 @@ def selection_benchmark(
         },
     )
 
-
-BENCHMARK_ASSETS = [selection_benchmark]

@@ -1,15 +1,67 @@
-"""The ``import_data`` job: bring a local dataset into the workspace by run configuration.
+"""Ingest: the pool's shards as ``shards`` partitions (``raw_shard``), and the ``import_data`` job that
+brings a local dataset into the workspace by run configuration.
 
-Pool shards land in the workspace's landing folder and are registered as ``shards`` partitions (the
-shard sensor would find them too); validation/test splits go to the evaluation folder. Images are
-transformed for ``settings.backbone`` at ``settings.image_size``.
+``import_data`` writes pool shards to the workspace's landing folder and registers them as ``shards``
+partitions (the shard sensor would find them too); validation/test splits go to the evaluation folder.
+Images are transformed for ``settings.backbone`` at ``settings.image_size``.
 """
 
 import dagster as dg
+import numpy as np
 from pydantic import Field
 
-from skmm_pipeline.defs.assets import shard_partitions
+from skmm_pipeline.core.outliers import lacks_structure
+from skmm_pipeline.data.contract import ShardContract, ShardHashes
+from skmm_pipeline.data.ingest import ImportRequest, import_dataset
+from skmm_pipeline.data.pool import structure_scores
+from skmm_pipeline.data.shards import file_sha256, file_signature, read_shard
+from skmm_pipeline.models.backbones import default_transform
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
+from skmm_pipeline.evaluation import EvalData
+
+shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
+
+
+def shard_contract(workspace: Workspace, settings: SkmmSettings):
+    """What every pool shard must be for this run, from the evaluation splits and the settings."""
+    # Shape, task and classes only: the splits' pixels are verified where they are used, not per shard.
+    ev = EvalData(workspace.evaluation, verify=False)
+    return ShardContract(tuple(ev.val.images.shape[1:]), ev.task, settings.num_classes or ev.num_classes,
+                         settings.max_abs_pixel)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name="skmm",
+    code_version="3",
+    kinds={"numpy"},
+    description="One delivered shard of the pool, checked against the run's data contract (image shape, task, "
+    "label range, pixel range, no copy of another shard); its content hash is the data version. Also scores "
+    "each image's spatial structure (neighbouring-pixel correlation) for the outlier guard's input check.",
+)
+def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings: SkmmSettings) -> dg.Output[dict]:
+    name = context.partition_key
+    path = workspace.shard_path(name)
+    signature = file_signature(path) if path.is_file() else None
+    shard = read_shard(path)
+    shard_contract(workspace, settings).check(shard)
+    sha = file_sha256(path)
+    ShardHashes(workspace.artifacts / "shard_hashes.json").admit(name, path, sha)
+    scores = structure_scores(workspace.artifacts / "input_structure", path, name, sha, shard.images)
+    record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images)), "signature": signature}
+    meta = {
+        "rows": record["rows"],
+        "image_shape": str(tuple(shard.images.shape[1:])),
+        "labelled": shard.labels is not None,
+        "path": dg.MetadataValue.path(str(path)),
+        "sha256": sha,
+        "structure_median": float(np.median(scores)),
+        "structure_min": float(scores.min()),
+    }
+    if settings.structure_threshold > 0:
+        # Relative to this shard only; the selection applies the check relative to the whole pool.
+        meta["lacking_structure"] = int(lacks_structure(scores, settings.structure_threshold).sum())
+    return dg.Output(record, data_version=dg.DataVersion(sha), metadata=meta)
 
 
 class ImportConfig(dg.Config):
@@ -31,9 +83,6 @@ class ImportConfig(dg.Config):
 @dg.op(description="Write a local dataset into the workspace (pool shards, evaluation splits) and register the shards.")
 def import_dataset_op(context: dg.OpExecutionContext, config: ImportConfig, settings: SkmmSettings,
                       workspace: Workspace) -> dict:
-    from skmm_pipeline.data.ingest import ImportRequest, import_dataset
-    from skmm_pipeline.models.backbones import default_transform
-
     req = ImportRequest(**config.model_dump())
     result = import_dataset(req, workspace.landing, workspace.evaluation,
                             default_transform(settings.backbone, settings.image_size))

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from skmm_pipeline.data.shards import check_shard_name
+from skmm_pipeline.tracking.mlflow_store import MlflowTracker, sqlite_uri
+from skmm_pipeline.versioning.dvc_store import SubsetStore
+
 
 def _absolute(path: str, what: str) -> Path:
     p = Path(path)
@@ -98,8 +102,6 @@ class Workspace(dg.ConfigurableResource):
         return self._root() / ".skmm" / "artifacts"
 
     def shard_path(self, name: str) -> Path:
-        from skmm_pipeline.data.shards import check_shard_name
-
         return self.landing / f"{check_shard_name(name)}.npz"
 
 
@@ -110,8 +112,6 @@ class DvcVersioning(dg.ConfigurableResource):
     remote_url: str = ""
 
     def store(self):
-        from skmm_pipeline.versioning.dvc_store import SubsetStore
-
         return SubsetStore(str(_absolute(self.repo_root, "DVC repo_root")), remote_url=self.remote_url or None)
 
 
@@ -123,14 +123,10 @@ class MlflowTracking(dg.ConfigurableResource):
     experiment: str = "skmm"
 
     def tracker(self):
-        from skmm_pipeline.tracking.mlflow_store import MlflowTracker
-
         return MlflowTracker(self.tracking_uri, self.artifact_root, self.experiment)
 
 
 def default_resources(root: Path | None = None, remote_url: str = "") -> dict:
-    from skmm_pipeline.tracking.mlflow_store import sqlite_uri
-
     root = Path(root) if root is not None else default_project_root()
     _absolute(str(root), "project root")
     state = root / ".skmm"

@@ -1,4 +1,5 @@
-"""The small CNN of the embedded scenario, its pretraining, and batched feature/gradient extraction."""
+"""The small CNN of the embedded scenario, its pretraining, and batched head-gradient sketching
+(features: ``models.features``)."""
 
 from __future__ import annotations
 
@@ -130,14 +131,6 @@ def load_model(path: Path, device="cpu") -> SmallCNN:
     except Exception as exc:  # torch raises many types for a bad file
         raise ValueError(f"cannot load model weights from {path}: {exc}") from exc
     return model.to(device).eval()
-
-
-@torch.no_grad()
-def extract_features(model: SmallCNN, images: np.ndarray, batch_size: int = 512, device="cpu") -> np.ndarray:
-    """Penultimate features (N x feature_dim), body in eval mode."""
-    model.eval()
-    out = [model.body(x.to(device)).cpu() for x in torch.as_tensor(images).split(batch_size)]
-    return torch.cat(out).numpy()
 
 
 # Rows of one block are computed together; a fixed block shape keeps each sample's bits independent

@@ -1,4 +1,4 @@
-"""Growing data: a sensor that registers newly landed shards, and a schedule that re-selects.
+"""Automation for growing data: a sensor that registers newly landed shards, and a schedule that re-selects.
 
 The shard sensor turns files in the landing folder into dynamic partitions and requests one
 ``sketch_shard`` run per new or changed shard; old shards are never recomputed. The re-selection
@@ -12,8 +12,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from skmm_pipeline.defs.assets import fingerprint_of, gradient_sketch, pretrained_model, shard_partitions
+from skmm_pipeline.core.hashing import fingerprint_of
+from skmm_pipeline.data.shards import ShardError, check_shard_name
+from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import Workspace
+from skmm_pipeline.defs.selection import skmm_selection
+from skmm_pipeline.defs.sketch import gradient_sketch, pretrained_model
 
 DATA_VERSION_TAG = "dagster/data_version"
 DEFAULT_RESELECT_CRON = "0 6 * * 1"  # Mondays 06:00
@@ -21,8 +25,6 @@ DEFAULT_RESELECT_CRON = "0 6 * * 1"  # Mondays 06:00
 
 def scan_landing(landing: Path) -> tuple[dict[str, str], list[str]]:
     """Shard files in ``landing``: ``{name: size-mtime signature}`` and the names refused as unsafe."""
-    from skmm_pipeline.data.shards import ShardError, check_shard_name
-
     found, refused = {}, []
     if not landing.is_dir():
         return found, refused
@@ -139,8 +141,6 @@ def reselect_schedule(context: dg.ScheduleEvaluationContext):
 
 
 def reselect_request(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
-    from skmm_pipeline.defs.assets import skmm_selection
-
     fingerprint, missing = sketch_fingerprint(instance)
     if fingerprint is None:
         return dg.SkipReason(f"not every shard is sketched yet (missing: {missing or 'all'})")

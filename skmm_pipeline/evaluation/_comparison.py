@@ -10,8 +10,8 @@
   ``label-using``: the class-balanced variants of the label-free methods (``class_balanced=True``, label
   ``<method>-cb``) and the methods that need labels (the model-based baselines). Compare methods within
   a group: class-balanced uniform alone is far ahead of uniform at small budgets.
-* **Finetuning.** FT-1 (``core.finetune.linear_probe``: logistic head on the standardised features, C
-  chosen on validation) and/or FT-2 (``core.finetune.finetune_tail``: the last block + head, lr, weight
+* **Finetuning.** FT-1 (``evaluation.linear_probe``: logistic head on the standardised features, C
+  chosen on validation) and/or FT-2 (``evaluation.finetune_tail``: the last block + head, lr, weight
   decay and epochs chosen on validation). Test metrics: accuracy and macro-F1, computed once with the
   chosen model.
 * **Seeds.** A seed fixes the sketch, the selection and the training (``linear_probe``'s and
@@ -21,10 +21,10 @@
   classes is refused the same way (a class-balanced subset has at least one sample per class).
 
 The result is a tidy DataFrame, one row per finetuning mode x method x budget x seed (plus, optionally,
-the full pool as a ceiling). :func:`summarize` gives mean +- s.e.m. per method and budget and the paired
-difference to the group's uniform baseline in s.e.m. units; :func:`method_table` and :func:`z_table`
-lay it out method x budget; :func:`plot_comparison` draws metric vs budget; :func:`headline_checks`
-states whether a method is best in its group and ahead of uniform.
+the full pool as a ceiling). ``summary.summarize`` gives mean +- s.e.m. per method and budget and the
+paired difference to the group's uniform baseline in s.e.m. units; ``report.method_table`` and
+``report.z_table`` lay it out method x budget; ``report.plot_comparison`` draws metric vs budget;
+``summary.headline_checks`` states whether a method is best in its group and ahead of uniform.
 
 Which sample ids each phase touched is recorded in ``df.attrs["split_ids"]`` (``fit``: pool ids the
 heads were trained on; ``select``: ids the hyper-parameters were chosen on; ``test``: ids scored once).
@@ -33,20 +33,21 @@ heads were trained on; ``select``: ids the hyper-parameters were chosen on; ``te
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from threadpoolctl import threadpool_limits
 
 from skmm_pipeline.core import selection
-from skmm_pipeline.core.finetune import FINETUNE_MODES
 from skmm_pipeline.core.selection import GROUPS, INPUTS, method_info
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.sketch_engine import GradientSketcher
+from skmm_pipeline.core.sketch_io import canonical_identity
+from skmm_pipeline.core.validation import InputError, check_int
+from skmm_pipeline.evaluation._finetune import DEFAULT_FT2_GRID, FINETUNE_MODES, EvalSplit, finetune_tail, linear_probe
 
 LABEL_FREE, LABEL_USING = GROUPS
 REFERENCE = "reference"
@@ -182,16 +183,6 @@ class FT2Setup:
     device: Any = "cpu"
 
 
-def standardized_features(model, pool_inputs, others: Sequence, device="cpu") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Penultimate features of the pool and of other splits, standardised with the pool's statistics."""
-    from skmm_pipeline.core.finetune import Standardizer
-    from skmm_pipeline.models.small_cnn import extract_features
-
-    pool = extract_features(model, pool_inputs, device=device)
-    std = Standardizer(pool)
-    return std(pool), [std(extract_features(model, x, device=device)) for x in others]
-
-
 class SeededSketches:
     """``seed -> N x m`` gradient sketch of the pool by the sketch engine, the same settings for every seed.
 
@@ -210,8 +201,6 @@ class SeededSketches:
         self.sketched: list[int] = []  # seeds sketched in-process, in order
 
     def sketcher(self, seed: int):
-        from skmm_pipeline.core.sketch_engine import GradientSketcher
-
         return GradientSketcher(self.model, seed=int(seed), **self.kwargs)
 
     def __call__(self, seed: int) -> np.ndarray:
@@ -233,8 +222,6 @@ class SeededSketches:
 
         Checks that the rebuilt sketcher, at the stored seed, has the stored identity and reproduces the stored rows of the first ``check_rows`` samples; raises ``InputError`` if not.
         """
-        from skmm_pipeline.core.sketch_io import canonical_identity
-
         ident = dict(identity)
         if "engine" not in ident:
             raise InputError(f"not a sketch-engine identity (no 'engine' field): {ident}; re-materialize gradient_sketch")
@@ -269,15 +256,8 @@ class SeededSketches:
 
 
 def _check_grid(budgets, seeds) -> tuple[list[int], list[int]]:
-    bs, ss = [], []
-    for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0:
-            raise InputError(f"budgets must be positive integers, got {b!r}")
-        bs.append(int(b))
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
-            raise InputError(f"seeds must be non-negative integers, got {s!r}")
-        ss.append(int(s))
+    bs = [check_int(b, "budgets", minimum=1) for b in budgets]
+    ss = [check_int(s, "seeds", minimum=0) for s in seeds]
     if not bs or not ss:
         raise InputError("the grid needs at least one budget and one seed")
     if len(set(bs)) != len(bs) or len(set(ss)) != len(ss):
@@ -306,8 +286,6 @@ class _FT1:
         self.pool, self.val, self.test, self.ledger = pool, val, test, ledger
 
     def __call__(self, idx: np.ndarray, seed: int) -> dict:
-        from skmm_pipeline.core.finetune import linear_probe
-
         p, v, t = self.pool, self.val, self.test
         r = linear_probe(p.features[idx], p.labels[idx], v.features, v.labels, t.features, t.labels, seed=seed)
         self.ledger["fit"].update(p.ids[i] for i in idx)
@@ -319,8 +297,6 @@ class _FT1:
 
 class _FT2:
     def __init__(self, setup: FT2Setup, pool: Split, val: Split, test: Split, ledger: dict):
-        from skmm_pipeline.core.finetune import DEFAULT_FT2_GRID, EvalSplit
-
         for name, s in (("pool", pool), ("validation", val), ("test", test)):
             if s.inputs is None:
                 raise InputError(f"FT-2 needs the model inputs of the {name} split (Split.inputs)")
@@ -330,8 +306,6 @@ class _FT2:
         self.test = EvalSplit(test.inputs, test.labels, test.ids)
 
     def __call__(self, idx: np.ndarray, seed: int) -> dict:
-        from skmm_pipeline.core.finetune import EvalSplit, finetune_tail
-
         p = self.pool
         train = EvalSplit(p.inputs[idx], p.labels[idx], [p.ids[i] for i in idx])
         r = finetune_tail(self.setup.prefix, self.setup.tail, train, self.val, self.test, grid=self.grid, seed=seed,
@@ -426,9 +400,6 @@ def _thread_limit(threads: int | None):
     if threads is None:
         yield
         return
-    import torch
-    from threadpoolctl import threadpool_limits
-
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
@@ -482,228 +453,3 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
                     rows.append(_row(spec, ft, n, seed, select_seconds=t_sel, fit_seconds=time.perf_counter() - t1,
                                      **values))
         say(f"seed {seed} done ({k + 1}/{len(seeds)}, {time.perf_counter() - t_start:.0f} s)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Summaries
-
-
-def group_baselines(df: pd.DataFrame, baseline: str = "uniform") -> dict[str, str]:
-    """The reference method of each group: ``baseline`` for label-free, ``baseline-cb`` for label-using
-    (``baseline`` itself if there is no class-balanced variant)."""
-    present = set(df["method"])
-    out = {LABEL_FREE: baseline}
-    out[LABEL_USING] = baseline + CB_SUFFIX if baseline + CB_SUFFIX in present else baseline
-    return out
-
-
-def _paired(df: pd.DataFrame, ft: str, a: str, b: str, metric: str) -> pd.DataFrame:
-    """Per-n paired difference a - b over the seeds where both succeeded: mean, s.e.m., z, pairs."""
-    ok = df[(df.finetune == ft) & (df.status == "ok")]
-    wide = ok[ok.method.isin([a, b])].pivot_table(index=["n", "seed"], columns="method", values=metric)
-    if a not in wide or b not in wide:
-        return pd.DataFrame(columns=["diff", "diff_sem", "z", "pairs"])
-    d = (wide[a] - wide[b]).dropna().groupby(level="n")
-    out = pd.DataFrame({"diff": d.mean(), "diff_sem": d.sem(), "pairs": d.count()})
-    out["z"] = [_z(m, s) for m, s in zip(out["diff"], out["diff_sem"])]
-    return out
-
-
-def _z(mean: float, sem: float) -> float:
-    if not np.isfinite(sem):
-        return np.nan
-    if sem <= 1e-12:  # identical differences on every seed (rounding noise aside)
-        return 0.0 if abs(mean) <= 1e-12 else math.copysign(math.inf, mean)
-    return float(mean / sem)
-
-
-def summarize(df: pd.DataFrame, metric: str = "test_accuracy", baseline: str = "uniform") -> pd.DataFrame:
-    """Mean +- s.e.m. over seeds per finetuning mode x method x budget, with the paired difference to
-    the group's baseline (:func:`group_baselines`): ``diff`` (mean of per-seed differences),
-    ``diff_sem`` and ``z = diff / diff_sem``. ``failed`` counts failed seeds, ``reason`` names the first."""
-    refs = group_baselines(df, baseline)
-    keys = ["finetune", "group", "method", "n"]
-    order = list(dict.fromkeys(df["method"]))
-    out = []
-    for (ft, group, method, n), g in df.groupby(keys, sort=False):
-        ok = g[g.status == "ok"][metric]
-        bad = g[g.status != "ok"]
-        out.append({
-            "finetune": ft, "group": group, "method": method, "n": int(n),
-            "seeds": int(ok.size), "failed": int(len(bad)),
-            "mean": float(ok.mean()) if ok.size else np.nan,
-            "sem": float(ok.sem()) if ok.size > 1 else (0.0 if ok.size == 1 else np.nan),
-            "baseline": refs.get(group, ""), "diff": np.nan, "diff_sem": np.nan, "z": np.nan,
-            "reason": bad["reason"].iloc[0] if len(bad) else "",
-        })
-    summary = pd.DataFrame(out)
-    if summary.empty:
-        return summary
-    for (ft, group, method), _ in summary.groupby(["finetune", "group", "method"], sort=False):
-        ref = refs.get(group)
-        if not ref or method == ref:
-            continue
-        paired = _paired(df, ft, method, ref, metric)
-        mask = (summary.finetune == ft) & (summary.method == method)
-        for i in summary.index[mask]:
-            n = summary.at[i, "n"]
-            if n in paired.index:
-                summary.loc[i, ["diff", "diff_sem", "z"]] = paired.loc[n, ["diff", "diff_sem", "z"]].to_numpy(float)
-    summary["_order"] = summary["method"].map({m: k for k, m in enumerate(order)})
-    summary = summary.sort_values(["finetune", "group", "_order", "n"], kind="stable").drop(columns="_order")
-    return summary.reset_index(drop=True)
-
-
-def _cell(mean, sem, seeds, failed, scale, digits) -> str:
-    if not seeds:
-        return f"failed ({failed})" if failed else "-"
-    text = f"{scale * mean:.{digits}f}" + (f" ± {scale * sem:.{digits}f}" if seeds > 1 else "")
-    return text + (f" [{failed} failed]" if failed else "")
-
-
-def method_table(summary: pd.DataFrame, finetune: str, group: str | None = None, scale: float = 100.0,
-                 digits: int = 1) -> pd.DataFrame:
-    """Methods x budgets, cells ``mean ± s.e.m.`` (``scale``: 100 for percent); ``group=None``: all."""
-    s = summary[(summary.finetune == finetune) & ((summary.group == group) if group else True)]
-    cells = {(m, n): _cell(mean, sem, k, f, scale, digits)
-             for m, n, mean, sem, k, f in zip(s.method, s.n, s["mean"], s["sem"], s.seeds, s.failed)}
-    methods = list(dict.fromkeys(s.method))
-    budgets = sorted(set(s.n))
-    table = pd.DataFrame([[cells.get((m, n), "") for n in budgets] for m in methods], index=methods,
-                         columns=[f"n={n}" for n in budgets])
-    table.index.name = "method"
-    return table
-
-
-def z_table(summary: pd.DataFrame, finetune: str, group: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
-    """Methods x budgets, cells ``difference to the group baseline (z = diff / s.e.m.)``, paired over seeds."""
-    s = summary[(summary.finetune == finetune) & (summary.group == group) & (summary.method != summary.baseline)]
-    cells = {}
-    for m, n, d, z in zip(s.method, s.n, s["diff"], s["z"]):
-        cells[(m, n)] = "-" if not np.isfinite(d) else f"{scale * d:+.{digits}f} (z={z:.1f})"
-    methods = list(dict.fromkeys(s.method))
-    budgets = sorted(set(s.n))
-    table = pd.DataFrame([[cells.get((m, n), "") for n in budgets] for m in methods], index=methods,
-                         columns=[f"n={n}" for n in budgets])
-    table.index.name = f"vs {s.baseline.iloc[0]}" if len(s) else "method"
-    return table
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (index as the first column)."""
-    head = [table.index.name or ""] + [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for idx, row in table.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [str(v) for v in row]) + " |")
-    return "\n".join(lines)
-
-
-def summary_markdown(summary: pd.DataFrame, metric_label: str = "test accuracy (%)") -> str:
-    """Every finetuning mode and group: the mean ± s.e.m. table and the paired z table, in Markdown."""
-    parts = []
-    for ft in dict.fromkeys(summary.finetune):
-        for group in [g for g in (*GROUPS, REFERENCE) if ((summary.finetune == ft) & (summary.group == g)).any()]:
-            parts.append(f"**{ft}, {group}: {metric_label}, mean ± s.e.m.**\n\n" + markdown(method_table(summary, ft, group)))
-            if group != REFERENCE:
-                z = z_table(summary, ft, group)
-                if len(z):
-                    parts.append(f"**{ft}, {group}: paired difference to {z.index.name[3:]} (points)**\n\n" + markdown(z))
-    return "\n\n".join(parts)
-
-
-def headline_checks(df: pd.DataFrame, finetune: str, method: str, group: str, *, baseline: str | None = None,
-                    metric: str = "test_accuracy", best_max_n: int = 80, beat_max_n: int = 40,
-                    beat_z: float = 2.0) -> dict[str, str]:
-    """Does ``method`` lead its group? Three statements, each ``yes`` or ``no (...)``:
-
-    * ``best_or_within_1sem``: at every n <= ``best_max_n``, ``method`` has the highest mean of its
-      group, or the best method's lead over it is at most one s.e.m. of their paired difference;
-    * ``beats_baseline``: at every n <= ``beat_max_n``, the paired z against the baseline is >= ``beat_z``;
-    * ``never_below_baseline``: at every n, the mean difference to the baseline is >= 0.
-    """
-    baseline = baseline or group_baselines(df)[group]
-    ok = df[(df.finetune == finetune) & (df.group == group) & (df.status == "ok")]
-    means = ok.groupby(["n", "method"])[metric].mean().unstack("method")
-    if method not in means:
-        return {k: f"no ({method} has no results)" for k in ("best_or_within_1sem", "beats_baseline", "never_below_baseline")}
-    misses = []
-    for n in [n for n in means.index if n <= best_max_n]:
-        row = means.loc[n].dropna()
-        best = row.idxmax()
-        if best == method or row[best] == row.get(method):
-            continue
-        p = _paired(df, finetune, best, method, metric)
-        if n not in p.index or not p.loc[n, "diff"] <= p.loc[n, "diff_sem"]:
-            lead = float(row[best] - row.get(method, np.nan))
-            misses.append(f"n={n}: {best} ahead by {100 * lead:.1f}")
-    p = _paired(df, finetune, method, baseline, metric)
-    weak = [f"n={n}: z={p.loc[n, 'z']:.1f}" for n in p.index if n <= beat_max_n and not p.loc[n, "z"] >= beat_z]
-    weak += [f"n={n}: no pairs" for n in means.index if n <= beat_max_n and n not in p.index]
-    below = [f"n={n}: {100 * p.loc[n, 'diff']:+.1f}" for n in p.index if p.loc[n, "diff"] < 0]
-
-    def verdict(problems):
-        return "yes" if not problems else "no (" + "; ".join(problems) + ")"
-
-    return {"best_or_within_1sem": verdict(misses), "beats_baseline": verdict(weak), "never_below_baseline": verdict(below)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot
-
-
-def plot_comparison(summary: pd.DataFrame, metric_label: str = "test accuracy (%)", scale: float = 100.0,
-                    highlight: Sequence[str] = ("skmm",), dpi: int = 80) -> bytes:
-    """PNG of metric vs budget: one panel per finetuning mode x group (label-free: solid lines, circles;
-    label-using: dashed, squares), one line per method with s.e.m. error bars, the same colour for a
-    method and its class-balanced variant (uniform in black), the full pool as a grey dotted line;
-    ``highlight``ed base methods drawn thicker."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(dict.fromkeys(summary.finetune))
-    groups = [g for g in GROUPS if (summary.group == g).any()] or list(GROUPS[:1])
-    base = lambda m: m[: -len(CB_SUFFIX)] if m.endswith(CB_SUFFIX) else m  # noqa: E731
-    bases = list(dict.fromkeys(base(m) for m in summary.method if m != FULL_POOL))
-    cmap = plt.get_cmap("tab20")
-    palette = [cmap(k) for k in range(0, 20, 2)] + [cmap(k) for k in range(1, 20, 2)]  # dark shades first
-    others = [b for b in bases if b != "uniform"]
-    colour = {b: palette[k % 20] for k, b in enumerate(others)}
-    colour["uniform"] = "black"  # the reference line of both groups
-    fig, axes = plt.subplots(len(modes), len(groups), figsize=(5.2 * len(groups), 3.6 * len(modes)), dpi=dpi,
-                             squeeze=False, sharey="row")
-    for r, ft in enumerate(modes):
-        ceiling = summary[(summary.finetune == ft) & (summary.method == FULL_POOL) & (summary.seeds > 0)]
-        for c, group in enumerate(groups):
-            ax = axes[r][c]
-            s = summary[(summary.finetune == ft) & (summary.group == group) & (summary.seeds > 0)]
-            style = dict(linestyle="-", marker="o") if group == LABEL_FREE else dict(linestyle="--", marker="s")
-            for method in dict.fromkeys(s.method):
-                m = s[s.method == method].sort_values("n")
-                thick = base(method) in highlight
-                ax.errorbar(m.n, scale * m["mean"], yerr=scale * m["sem"].fillna(0), color=colour[base(method)],
-                            label=method, linewidth=2.4 if thick else 1.0, markersize=4 if thick else 3, capsize=2,
-                            zorder=3 if thick else 2, **style)
-            if len(ceiling):
-                ax.axhline(scale * ceiling["mean"].iloc[0], color="grey", linestyle=":", linewidth=1, label="full pool")
-            ax.set_xscale("log", base=2)
-            budgets = sorted(set(s.n)) or sorted(set(summary.n))
-            ax.set_xticks(budgets, [str(b) for b in budgets])
-            ax.set_title(f"{ft} — {group}", fontsize=9)
-            ax.set_xlabel("budget n", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(metric_label, fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def to_json_records(df: pd.DataFrame) -> list[dict]:
-    """Rows as JSON-safe dicts (NaN -> None)."""
-    return json.loads(df.to_json(orient="records"))

@@ -70,17 +70,11 @@ class ProbeResult:
     test_macro_f1: float = float("nan")
 
 
-class Standardizer:
-    def __init__(self, pool: np.ndarray):
-        self.mean = pool.mean(axis=0)
-        self.scale = pool.std(axis=0) + 1e-6
-
-    def __call__(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean) / self.scale
-
-
 def linear_probe(train_X, train_y, val_X, val_y, test_X, test_y, Cs=DEFAULT_CS, seed: int = 0) -> ProbeResult:
     """Fit a logistic-regression head for each C, keep the best on validation, score it on test."""
+    # Imported on first use, not at module top: `import sklearn.linear_model` takes about 1.4 s
+    # (measured on the 2-core machine), which loading the Dagster definitions (every step process)
+    # should not pay unless a head is trained.
     from sklearn.linear_model import LogisticRegression
 
     train_y = np.asarray(train_y)
@@ -282,7 +276,7 @@ def ridge_probe(train: EvalSplit, val: EvalSplit, test: EvalSplit, alphas=DEFAUL
     """FT-1 for regression: a ridge head on frozen features, alpha chosen on ``val``, ``test`` scored once.
 
     ``inputs`` of every split are feature rows (N x d), standardised by the caller with the pool's
-    statistics (:class:`Standardizer`), as for :func:`linear_probe`; ``targets`` are real numbers.
+    statistics (``models.features.Standardizer``), as for :func:`linear_probe`; ``targets`` are real numbers.
     Targets are standardised with the training subset's mean and spread (1 when it has none), a ridge
     head with an unpenalised intercept is fitted in closed form for every alpha of the grid, the one
     with the lowest validation MAE is kept (ties: the first in the grid) and scores the test split.

@@ -1,0 +1,142 @@
+"""Selection: ``skmm_selection`` over all shard sketches, and its checks.
+
+The size/uniqueness and id checks block: a selection that fails them is never versioned.
+"""
+
+import dagster as dg
+import numpy as np
+
+from skmm_pipeline.core.hashing import fingerprint_of, json_hash
+from skmm_pipeline.core.selection import select
+from skmm_pipeline.data.pool import (
+    class_counts,
+    load_sketches,
+    picked_per_shard,
+    single_identity,
+    sketch_identities,
+    unknown_ids,
+    unstructured_rows,
+)
+from skmm_pipeline.defs.ingest import shard_partitions
+from skmm_pipeline.defs.resources import SkmmSettings, Workspace
+
+
+@dg.asset(
+    group_name="skmm",
+    code_version="2",
+    kinds={"numpy"},
+    description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch.",
+)
+def skmm_selection(
+    context: dg.AssetExecutionContext, gradient_sketch: dict, settings: SkmmSettings, workspace: Workspace
+) -> dg.Output[dict]:
+    G, ids, identity = load_sketches(gradient_sketch)
+    guard = {}
+    if settings.outlier_guard:
+        guard["outlier_guard"] = True
+        if settings.structure_threshold != 0:  # a negative one is refused by lacks_structure
+            files = {name: (workspace.shard_path(name), rec["shard_sha256"]) for name, rec in gradient_sketch.items()}
+            guard["exclude"] = unstructured_rows(workspace.artifacts / "input_structure", files, len(ids),
+                                                 settings.structure_threshold)
+    result = select(settings.method, G, settings.budget, seed=settings.seed, **guard)
+    chosen = [ids[i] for i in result.indices]
+    shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
+    fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
+    record = {
+        "method": settings.method,
+        "budget": settings.budget,
+        "seed": settings.seed,
+        "pool_size": len(ids),
+        "sample_ids": chosen,
+        "weights": [1.0 / len(chosen)] * len(chosen),
+        "sketch_identity": identity,
+        "shards": shards,
+        "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
+        "sketch_fingerprint": fingerprint,
+        "diagnostics": result.diagnostics,
+    }
+    per_shard = picked_per_shard(chosen, shards)
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(json_hash(chosen)),
+        metadata={
+            "n": len(chosen),
+            "pool_size": len(ids),
+            "method": settings.method,
+            "moment_ratio": float(result.diagnostics["moment_ratio"]),
+            "select_seconds": float(result.diagnostics["select_seconds"]),
+            "outliers_excluded": int(result.diagnostics.get("outliers_excluded", 0)),
+            "unstructured_excluded": int(result.diagnostics.get("rows_excluded", 0)),
+            "unstructured_examples": dg.MetadataValue.json(
+                [ids[i] for i in np.flatnonzero(guard["exclude"])[:20]] if "exclude" in guard else []),
+            "picked_per_shard": dg.MetadataValue.json(per_shard),
+            "sketch_fingerprint": fingerprint,
+            "first_ids": dg.MetadataValue.json(chosen[:20]),
+        },
+    )
+
+
+@dg.asset_check(asset=skmm_selection, blocking=True, description="Exactly `budget` selected ids, all distinct.")
+def budget_met_with_unique_ids(skmm_selection: dict) -> dg.AssetCheckResult:
+    ids = skmm_selection["sample_ids"]
+    unique = len(set(ids))
+    return dg.AssetCheckResult(
+        passed=len(ids) == skmm_selection["budget"] and unique == len(ids),
+        metadata={"selected": len(ids), "unique": unique, "budget": skmm_selection["budget"]},
+    )
+
+
+@dg.asset_check(
+    asset=skmm_selection, blocking=True, description="Every selected id is a row of a currently registered shard."
+)
+def ids_in_registered_shards(context: dg.AssetCheckExecutionContext, skmm_selection: dict) -> dg.AssetCheckResult:
+    registered = set(context.instance.get_dynamic_partitions(shard_partitions.name))
+    bad = unknown_ids(skmm_selection["sample_ids"], registered, skmm_selection["shard_rows"])
+    return dg.AssetCheckResult(
+        passed=not bad, metadata={"unknown_ids": len(bad), "examples": dg.MetadataValue.json(bad[:10])}
+    )
+
+
+@dg.asset_check(
+    asset=skmm_selection,
+    description="The subset's second moment along each principal direction of the pool's, relative to the pool's "
+    "(min_j v_j' S_subset v_j / lambda_j), is above settings.min_moment_ratio.",
+)
+def moment_ratio_above_threshold(skmm_selection: dict, settings: SkmmSettings) -> dg.AssetCheckResult:
+    ratio = float(skmm_selection["diagnostics"]["moment_ratio"])
+    return dg.AssetCheckResult(
+        passed=bool(ratio >= settings.min_moment_ratio),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"moment_ratio": ratio, "threshold": settings.min_moment_ratio},
+    )
+
+
+@dg.asset_check(
+    asset=skmm_selection,
+    additional_ins={"gradient_sketch": dg.AssetIn()},
+    description="All shard sketches joined by the selection were made with one sketch identity.",
+)
+def single_sketch_identity(skmm_selection: dict, gradient_sketch: dict) -> dg.AssetCheckResult:
+    identities = sketch_identities(gradient_sketch)
+    passed, distinct = single_identity(identities, skmm_selection["sketch_identity"])
+    return dg.AssetCheckResult(passed=passed, metadata={"shards": len(identities), "distinct_identities": distinct})
+
+
+@dg.asset_check(
+    asset=skmm_selection,
+    description="Per-class counts of the subset against the pool's; warns when a pool class is missing.",
+)
+def class_coverage(skmm_selection: dict, workspace: Workspace) -> dg.AssetCheckResult:
+    shard_paths = {shard: workspace.shard_path(shard) for shard in skmm_selection["shards"]}
+    pool_counts, subset_counts, note = class_counts(skmm_selection["sample_ids"], shard_paths)
+    if note:
+        return dg.AssetCheckResult(passed=True, metadata={"note": note})
+    missing = sorted(set(pool_counts) - set(subset_counts))
+    table = "| class | pool | subset |\n|---|---|---|\n" + "\n".join(
+        f"| {c} | {pool_counts[c]} | {subset_counts.get(c, 0)} |" for c in sorted(pool_counts)
+    )
+    return dg.AssetCheckResult(
+        passed=not missing,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"classes_missing": dg.MetadataValue.json(missing), "coverage": dg.MetadataValue.md(table)},
+    )
