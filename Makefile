@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (install + run the main job on the embedded data) and
-# `make test` (install + run the test suite). Both create .venv on first use.
+# `make test` (install, lint, run the test suite). Both create .venv on first use.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -11,7 +11,7 @@ export SKMM_PROJECT_ROOT := $(CURDIR)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/skmm demo --root $(CURDIR)
 
-test: install
+# The layers and the import rules (pyproject.toml: [tool.importlinter], [tool.ruff]) are checked first.
+lint: install
+	$(BIN)/ruff check skmm_pipeline benchmarks tests
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest
 
 clean:

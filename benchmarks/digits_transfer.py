@@ -31,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from skmm_pipeline import evaluation as cmp
 from skmm_pipeline.data.digits import load_digits_transfer
@@ -69,12 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default="", help="also write the excerpt table per finetuning mode into this folder")
     args = ap.parse_args(argv)
     if args.from_csv:
-        import pandas as pd
-
         report(pd.read_csv(args.from_csv, keep_default_na=False, na_values=[""]), args)
         return 0
-
-    from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import selection_speed
 import torch
 
 from skmm_pipeline.core.selection import select
@@ -118,8 +119,6 @@ def main() -> None:
         print("\n" + "\n".join(within))
     print(f"\nseconds: {time.perf_counter() - t0:.1f}")
     if args.speed:
-        import selection_speed
-
         print()
         selection_speed.main(["--repeats", "2"])
 

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 from skmm_pipeline.core.gradients import layer_param_names, vmap_gradients
 from skmm_pipeline.core.sketch_engine import GradientSketcher, resolve_device
@@ -236,9 +238,6 @@ def checks(clock, m) -> list[tuple[str, str]]:
 
 def profile(clock, m, n: int) -> None:
     """The device kernels of the label-free FT-1 and FT-2 sketches at 224 px (bf16 on CUDA), by total time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     X, _ = data("resnet18_224", n, clock.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.device.type == "cuda" else [])
     for layers in ("ft1", "ft2"):

@@ -25,18 +25,15 @@ import sys
 import time
 
 import numpy as np
+import torch
 
+from skmm_pipeline.core.moment_matching import moment_stats, subset_objective
+from skmm_pipeline.core.selection import select
+from skmm_pipeline.data.synthetic import make_gmm, sketch_features
 
 
 def small(repeats: int = 2, budgets=(48, 200)) -> str:
-    import torch
-
     torch.set_num_threads(2)
-    from skmm_pipeline.data.synthetic import make_gmm, sketch_features
-
-    from skmm_pipeline.core.moment_matching import moment_stats, subset_objective
-    from skmm_pipeline.core.selection import select
-
     gmm = make_gmm(0)
     X, cluster = gmm.X, gmm.cluster
     G = sketch_features(X, 40, 0)
@@ -92,8 +89,6 @@ def _make_large(N: int, m: int, seed: int, K: int = 200):
 
 
 def _child_large(N: int, m: int, n: int, seed: int) -> None:
-    from skmm_pipeline.core.selection import select
-
     G, cluster, sizes = _make_large(N, m, seed)
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()

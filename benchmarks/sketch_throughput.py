@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.profiler import ProfilerActivity, profile
 
 from skmm_pipeline.core.gradients import to_layer_layout
 from skmm_pipeline.core.sketch_engine import GradientSketcher
@@ -146,8 +148,6 @@ def quality(S: np.ndarray, U_exact: torch.Tensor, exact_sq: np.ndarray) -> tuple
 
 def allocated_bytes_per_sample(sk: GradientSketcher, X, labels, rows: int) -> float:
     """Bytes allocated by the engine's intermediate tensors per sample (torch profiler, CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
     saved = os.dup(2)  # the profiler backend logs to stderr
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -163,8 +163,6 @@ def allocated_bytes_per_sample(sk: GradientSketcher, X, labels, rows: int) -> fl
 
 def vmap_dense(model: nn.Module, param_names, X: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, batch: int):
     """Research-code baseline: per-sample gradients by vmap(grad), then rows @ dense Gaussian."""
-    from torch.func import functional_call, grad, vmap
-
     params = {k: v.detach() for k, v in model.named_parameters() if k in param_names}
     frozen = {k: v.detach() for k, v in model.named_parameters() if k not in param_names}
 

@@ -50,7 +50,7 @@ def dismiss_modal(page) -> None:
 
 
 def main() -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - optional: installed only to take screenshots
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "ui-screenshots"))

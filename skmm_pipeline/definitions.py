@@ -45,7 +45,7 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
     if choice != "celery":
         raise ValueError(f"SKMM_EXECUTOR must be 'multiprocess' or 'celery', got {choice!r}")
     # An optional dependency, needed only when SKMM_EXECUTOR=celery: imported here, not at module top.
-    from dagster_celery import celery_executor
+    from dagster_celery import celery_executor  # noqa: PLC0415
 
     return celery_executor.configured(
         {

@@ -8,8 +8,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from skmm_pipeline import evaluation as cmp
 from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import SetupError
+from skmm_pipeline.core.validation import check_budget
+from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
+from skmm_pipeline.definitions import build_definitions
+from skmm_pipeline.defs.automation import scan_landing
+from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
+from skmm_pipeline.defs.ingest import shard_partitions
+from skmm_pipeline.defs.resources import SkmmSettings
+from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
 
 
 def dagster_home() -> Path:
@@ -43,23 +56,11 @@ def run_demo(
     ``benchmark``: then also run the ``benchmark`` job (``selection_benchmark``, run config
     ``benchmark_config``, e.g. ``{"seeds": 3}``); its record is returned under ``"benchmark"``.
     """
-    import dagster as dg
-
-    from skmm_pipeline.core.validation import check_budget
-    from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
-    from skmm_pipeline.defs.automation import scan_landing
-    from skmm_pipeline.defs.ingest import shard_partitions
-    from skmm_pipeline.defs.resources import SkmmSettings
-    from skmm_pipeline.definitions import build_definitions
-    from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
-
     dagster_home()
     root = Path(root).resolve()
     # Fail before any work if the budget cannot be met by the pool.
     check_budget(budget, len(load_digits_transfer().pool.labels))
     if benchmark:
-        from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
-
         check_config(BenchmarkConfig(**(benchmark_config or {})))
     settings = SkmmSettings(budget=budget, seed=seed, pretrain_epochs=pretrain_epochs, finetune_mode=finetune_mode)
     defs = build_definitions(root, settings=settings)
@@ -109,8 +110,6 @@ def run_demo(
 
 
 def format_report(record: dict) -> str:
-    import pandas as pd
-
     table = pd.DataFrame(record["rows"])[["finetune", "method", "n", "test_accuracy", "sem"]]
     table["test accuracy (%)"] = [
         f"{100 * a:.1f}" + (f" ± {100 * s:.1f}" if s else "") for a, s in zip(table.test_accuracy, table["sem"])
@@ -131,10 +130,6 @@ def format_report(record: dict) -> str:
 
 def format_benchmark(bench: dict) -> str:
     """The selection_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
-    import pandas as pd
-
-    from skmm_pipeline import evaluation as cmp
-
     summary = pd.DataFrame(bench["summary"])
     for col in ("mean", "sem", "diff", "diff_sem", "z"):
         summary[col] = pd.to_numeric(summary[col], errors="coerce")

@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
-
 from procs import free_port, http_ok, start, stop, wait_for
+
 from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shard
 from skmm_pipeline.defs.sketch import gradient_sketch
 from skmm_pipeline.versioning.dvc_store import SubsetStore

@@ -10,8 +10,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shard
 from skmm_pipeline.core.atomic import atomic_save_npz
+from skmm_pipeline.data.digits import write_digits_shards, write_new_digits_shard
 from skmm_pipeline.data.shards import ShardError, write_shard
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.automation import reselect_request, shard_sensor

@@ -9,15 +9,15 @@ import dagster as dg
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import skmm
+from test_regression import brightness_csv
+from test_vision_data import write_cifar
 
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
 from skmm_pipeline.data.shards import read_shard
 from skmm_pipeline.data.vision import DataError, read_shard_sources
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
-from test_cli import skmm
-from test_regression import brightness_csv
-from test_vision_data import write_cifar
 
 
 def photo_tree(root: Path, per_class: int = 10) -> Path:

@@ -9,13 +9,13 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from conftest import git
 from mlflow.tracking import MlflowClient
 
-from conftest import git
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, write_shard
-from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
+from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.demo import SetupError, run_demo

@@ -11,8 +11,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from skmm_pipeline.evaluation import DEFAULT_ALPHAS, EvalSplit, ridge_probe
-from skmm_pipeline.models.features import Standardizer
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import ShardError, read_shard, write_shard
@@ -20,7 +18,9 @@ from skmm_pipeline.data.vision import ImageCSV, write_shards, write_split
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
+from skmm_pipeline.evaluation import DEFAULT_ALPHAS, EvalSplit, ridge_probe
 from skmm_pipeline.models.backbones import default_transform
+from skmm_pipeline.models.features import Standardizer
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 

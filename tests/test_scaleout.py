@@ -9,8 +9,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from procs import free_port, port_open, start, stop, wait_for
+
 from skmm_pipeline.data.digits import write_digits_shards
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed (CI installs it)")

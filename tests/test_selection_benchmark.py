@@ -181,9 +181,9 @@ def test_benchmark_config_is_checked_before_any_work():
 
 def test_selection_benchmark_asset(project, tmp_path):
     from skmm_pipeline.data.digits import write_digits_shards
+    from skmm_pipeline.data.pool import load_sketches
     from skmm_pipeline.data.shards import read_shard
     from skmm_pipeline.definitions import build_definitions
-    from skmm_pipeline.data.pool import load_sketches
     from skmm_pipeline.defs.ingest import shard_partitions
     from skmm_pipeline.defs.resources import SkmmSettings
     from skmm_pipeline.demo import format_benchmark

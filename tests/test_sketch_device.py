@@ -20,8 +20,8 @@ from skmm_pipeline.core.sketch import _Hash, make_sketch
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.loader import shard_batches, sketch_shard
-from skmm_pipeline.data.shards import ShardError, file_signature, read_shard, write_shard
 from skmm_pipeline.data.pool import read_unchanged_shard
+from skmm_pipeline.data.shards import ShardError, file_signature, read_shard, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 

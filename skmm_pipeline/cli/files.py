@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.core.atomic import atomic_write_bytes
+from skmm_pipeline.core.validation import InputError
 
 NUMERIC = "biuf"  # numpy dtype kinds of real numbers (complex is refused)
 

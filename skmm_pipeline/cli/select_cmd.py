@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 
+from skmm_pipeline.cli.files import ResultPaths, check_fits, read_npy
 from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
-from skmm_pipeline.core.selection import METHOD_INFO, DESCRIPTIONS, as_selection_matrix, select
+from skmm_pipeline.core.selection import DESCRIPTIONS, METHOD_INFO, as_selection_matrix, select
 from skmm_pipeline.core.sketch import make_sketch
 from skmm_pipeline.core.validation import InputError
-from skmm_pipeline.cli.files import ResultPaths, check_fits, read_npy
 
 SKETCH_CHUNK_ROWS = 4096
 

@@ -381,10 +381,10 @@ class TensorSketch(Sketch):
         # The factors may be half precision (autocast): their CountSketches are summed in float32.
         out = left.new_empty(B, m, dtype=_sum_dtype(left.dtype))
         for s in range(0, B, rows):
-            l, r = left[s : s + rows], right[s : s + rows]
+            lf, rf = left[s : s + rows], right[s : s + rows]
             acc = None
             for p in range(0, P, pc):
-                f = torch.fft.rfft(self.left(l[:, p : p + pc]), n=m) * torch.fft.rfft(self.right(r[:, p : p + pc]), n=m)
+                f = torch.fft.rfft(self.left(lf[:, p : p + pc]), n=m) * torch.fft.rfft(self.right(rf[:, p : p + pc]), n=m)
                 f = f[:, 0] if f.shape[1] == 1 else f.sum(1)
                 acc = f if acc is None else acc + f
             out[s : s + rows] = torch.fft.irfft(acc, n=m)

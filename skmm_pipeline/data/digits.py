@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from skmm_pipeline.core import defaults
 from skmm_pipeline.core.validation import InputError, check_int
@@ -56,6 +55,10 @@ def load_digits_transfer(source_classes=SOURCE_CLASSES, target_classes=TARGET_CL
     source_classes, target_classes = _classes(source_classes, "source"), _classes(target_classes, "target")
     if set(source_classes) & set(target_classes):
         raise InputError(f"source and target classes overlap: {sorted(set(source_classes) & set(target_classes))}")
+    # scikit-learn is imported here: it takes about 1 s (measured), which loading the Dagster definitions
+    # (every step process) should not pay unless the embedded data is read.
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     labels = digits.target.astype(np.int64)

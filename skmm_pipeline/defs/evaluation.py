@@ -3,9 +3,9 @@ the full pool (``evaluation.evaluate_selection``) and logs the results to MLflow
 
 import dagster as dg
 
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 from skmm_pipeline.evaluation import evaluate_selection, image_markdown, rows_markdown
-from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.tracking.mlflow_store import run_tags
 
 

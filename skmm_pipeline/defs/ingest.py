@@ -15,9 +15,9 @@ from skmm_pipeline.data.contract import ShardContract, ShardHashes
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
 from skmm_pipeline.data.pool import structure_scores
 from skmm_pipeline.data.shards import file_sha256, file_signature, read_shard
-from skmm_pipeline.models.backbones import default_transform
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 from skmm_pipeline.evaluation import EvalData
+from skmm_pipeline.models.backbones import default_transform
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from skmm_pipeline.core.atomic import atomic_write_bytes
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.core.gradients import resolve_layers
 from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.sketch_engine import GradientSketcher, calibrate_block_scales, resolve_device
@@ -17,7 +18,6 @@ from skmm_pipeline.data.pool import read_unchanged_shard
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 from skmm_pipeline.evaluation import EvalData, check_regression_model
-from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.models.backbones import build_backbone, load_backbone, model_id, save_backbone
 from skmm_pipeline.models.small_cnn import accuracy, pretrain, select_device
 

@@ -75,7 +75,7 @@ def linear_probe(train_X, train_y, val_X, val_y, test_X, test_y, Cs=DEFAULT_CS, 
     # Imported on first use, not at module top: `import sklearn.linear_model` takes about 1.4 s
     # (measured on the 2-core machine), which loading the Dagster definitions (every step process)
     # should not pay unless a head is trained.
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
     train_y = np.asarray(train_y)
     test_y = np.asarray(test_y)

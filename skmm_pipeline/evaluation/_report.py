@@ -20,10 +20,10 @@ def pyplot():
     Imported on first use, not at module top: ``import matplotlib.pyplot`` takes about 0.4 s (measured
     on the 2-core machine) and selects a global backend, which loading the Dagster definitions (every
     step process) should not pay or do unless a plot is drawn."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
 

@@ -39,9 +39,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
 from skmm_pipeline.core.errors import BackboneWeightsError
+from skmm_pipeline.core.sketch_engine import model_fingerprint
 from skmm_pipeline.data.vision import SMALL_CNN_TRANSFORM, ImageTransform
+from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ArchSpec:
 
 def _resnet(fn_name):
     def build(image_size: int):
-        import torchvision
+        import torchvision  # noqa: PLC0415 - about 1 s on top of torch; only torchvision backbones need it
 
         return getattr(torchvision.models, fn_name)(weights=None)
 
@@ -68,7 +69,7 @@ def _resnet(fn_name):
 
 
 def _vit_b_16(image_size: int):
-    import torchvision
+    import torchvision  # noqa: PLC0415 - about 1 s on top of torch; only torchvision backbones need it
 
     return torchvision.models.vit_b_16(weights=None, image_size=image_size)
 
@@ -310,8 +311,6 @@ def load_backbone(path, device="cpu") -> nn.Module:
 
 def model_id(model: nn.Module) -> str:
     """Content hash of the weights (the model's identity in lineage and sketch headers)."""
-    from skmm_pipeline.core.sketch_engine import model_fingerprint
-
     return model_fingerprint(model)
 
 

@@ -1,7 +1,9 @@
 """A thin layer over ``MlflowClient``: explicit run ids, absolute stores, runs always terminated.
 
 The fluent ``mlflow.start_run`` API keeps a process-global active run, which leaks between Dagster
-steps running in one process; the client API does not.
+steps running in one process; the client API does not. MLflow itself is imported where a run is
+opened or read (``import mlflow`` takes about 1.1 s, measured): loading the Dagster definitions, and
+``skmm versions checkout``/``push``, do not pay for it.
 
 Conventions shared by the pipeline and the subset-version browser:
 
@@ -105,12 +107,12 @@ class TrackedRun:
     experiment_id: str
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # noqa: PLC0415
 
         self._log_batch(params=[Param(str(k), str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415
 
         now = int(time.time() * 1000)
         self._log_batch(metrics=[Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()])
@@ -121,7 +123,7 @@ class TrackedRun:
         ``{"method": "skmm", "n": 40, "test_accuracy": 0.83}`` is logged as metric
         ``test_accuracy/skmm`` at step 40. Returns the metric keys logged.
         """
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415
 
         now = int(time.time() * 1000)
         batch = []
@@ -141,7 +143,7 @@ class TrackedRun:
         return [m.key for m in batch]
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # noqa: PLC0415
 
         self._log_batch(tags=[RunTag(str(k), str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()])
 
@@ -212,7 +214,7 @@ class MlflowTracker:
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
             if self.db_path is not None:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,7 @@ class MlflowTracker:
         return self._client
 
     def experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
@@ -265,7 +267,7 @@ class MlflowTracker:
         found: dict[str, VersionRuns] = {tag: VersionRuns() for tag in wanted}
         if not wanted or (self.db_path is not None and not self.db_path.is_file()):
             return found
-        from mlflow.entities import ViewType
+        from mlflow.entities import ViewType  # noqa: PLC0415
 
         exp_ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
         if not exp_ids:

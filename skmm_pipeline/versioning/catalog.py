@@ -117,7 +117,7 @@ class SubsetCatalog:
     def versions(self) -> Any:
         """One row per version, oldest first: tag, date, method, n, seed, c_S, the key metric,
         shards (comma-separated), pushed, commit, data_md5, Dagster and MLflow run ids."""
-        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import
+        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import  # noqa: PLC0415
 
         versions = self.store.list_versions()
         runs = self._runs(versions)
@@ -175,7 +175,7 @@ class SubsetCatalog:
 
     def diff(self, a: str, b: str) -> VersionDiff:
         """Sample ids added and removed from ``a`` to ``b``, their overlap and metric deltas."""
-        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import
+        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import  # noqa: PLC0415
 
         va, vb = self.store.get(a), self.store.get(b)
         sa, sb = self.subset(a), self.subset(b)
@@ -257,7 +257,7 @@ class SubsetCatalog:
         return values
 
     def _metrics(self, version: SubsetVersion, manifest: dict) -> tuple[Any, list[str]]:
-        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import
+        import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import  # noqa: PLC0415
 
         runs = self._runs([version]).get(version.tag)
         from_manifest = self._metric_values(manifest, None)

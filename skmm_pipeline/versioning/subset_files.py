@@ -52,7 +52,7 @@ def read_manifest(content: bytes, where: str = MANIFEST_FILE) -> dict[str, Any]:
 
 def read_subset_table(content: bytes, where: str = SUBSET_FILE):
     """Parse a ``subset.csv`` into a DataFrame; a clear error when it is corrupt."""
-    import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import
+    import pandas as pd  # here, not at the top: pandas takes ~0.4 s to import  # noqa: PLC0415
 
     try:
         table = pd.read_csv(

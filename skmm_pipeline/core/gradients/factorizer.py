@@ -61,8 +61,8 @@ class FactorBlock:
         step = max(1, max_elements // (P * P))
         parts = []
         for s in range(0, B, step):
-            l, r = self.left[s : s + step], self.right[s : s + step]
-            parts.append((torch.bmm(l, l.transpose(1, 2)) * torch.bmm(r, r.transpose(1, 2))).sum((1, 2)))
+            lf, rf = self.left[s : s + step], self.right[s : s + step]
+            parts.append((torch.bmm(lf, lf.transpose(1, 2)) * torch.bmm(rf, rf.transpose(1, 2))).sum((1, 2)))
         return torch.cat(parts)
 
 

@@ -208,8 +208,8 @@ def solve_lp(problem: MatchingProblem, n: int) -> tuple[RelaxationResult, dict]:
     """Max-min-ratio LP ``max t  s.t.  A^T s >= t b,  s in capped simplex`` (HiGHS, vertex solution)."""
     # Imported here: scipy.optimize takes about 0.5 s to import (measured), three times the rest of the
     # package, and only the LP solver needs it.
-    from scipy.optimize import linprog
-    from scipy.sparse import csr_matrix, hstack
+    from scipy.optimize import linprog  # noqa: PLC0415
+    from scipy.sparse import csr_matrix, hstack  # noqa: PLC0415
 
     t0 = time.perf_counter()
     N, q = problem.A.shape
