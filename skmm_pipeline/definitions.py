@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from skmm_pipeline.core.errors import ConfigError
 from skmm_pipeline.defs import benchmark_assets, evaluation, ingest, selection, sketch, versioning
 from skmm_pipeline.defs.automation import reselect_schedule, shard_sensor
 from skmm_pipeline.defs.ingest import import_data, shard_partitions
@@ -43,7 +44,7 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
     if choice in ("", "multiprocess", "default"):
         return None
     if choice != "celery":
-        raise ValueError(f"SKMM_EXECUTOR must be 'multiprocess' or 'celery', got {choice!r}")
+        raise ConfigError(f"SKMM_EXECUTOR must be 'multiprocess' or 'celery', got {choice!r}")
     # An optional dependency, needed only when SKMM_EXECUTOR=celery: imported here, not at module top.
     from dagster_celery import celery_executor  # noqa: PLC0415
 

@@ -48,6 +48,10 @@ class MetricsUnavailable(SubsetVersionError):
     """The MLflow store given for evaluation metrics cannot be read."""
 
 
+class ConfigError(SkmmError, ValueError):
+    """A setting, resource or run config that cannot work (unknown architecture, relative path, ...)."""
+
+
 class SetupError(SkmmError, RuntimeError):
     """The environment is not set up for a run (e.g. DAGSTER_HOME missing or relative)."""
 

@@ -197,7 +197,7 @@ def curation_pool(pool: Split, seed: int = 0, duplicate_frac: float = 0.2, corru
     corrupted images (uniform noise, inverted, salt-and-pepper or half-blanked digits, with a random
     label) making up ``corrupt_frac``. Rows are shuffled; a seed fixes everything."""
     if not (0 <= duplicate_frac and 0 <= corrupt_frac and duplicate_frac + corrupt_frac < 1):
-        raise ValueError("duplicate_frac and corrupt_frac must be non-negative and sum to less than 1")
+        raise InputError("duplicate_frac and corrupt_frac must be non-negative and sum to less than 1")
     rng = np.random.default_rng(seed)
     n_clean = len(pool.labels)
     total = int(round(n_clean / (1 - duplicate_frac - corrupt_frac)))

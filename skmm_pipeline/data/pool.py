@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
 from skmm_pipeline.core.sketch_io import canonical_identity, load_sketch_shards, read_sketch_shard
@@ -36,12 +37,12 @@ def read_unchanged_shard(record: dict) -> Shard:
 def load_sketches(records: dict[str, dict]) -> tuple[np.ndarray, list[str], dict]:
     """Join per-shard sketches in shard-name order; refuse sketches made with different identities."""
     if not records:
-        raise ValueError("no shard sketches to select from: register and sketch at least one shard")
+        raise ShardError("no shard sketches to select from: register and sketch at least one shard")
     names = sorted(records)
     try:
         return load_sketch_shards([records[name]["path"] for name in names])
     except InputError as exc:
-        raise ValueError(f"{exc} (shards: {names}); re-materialize gradient_sketch for all shards with the "
+        raise SketchMismatchError(f"{exc} (shards: {names}); re-materialize gradient_sketch for all shards with the "
                          "current settings") from None
 
 
@@ -70,7 +71,7 @@ def structure_scores(cache_dir: Path, shard_path: Path, name: str, sha: str, ima
             pass  # an unreadable cache entry is recomputed
     if images is None:
         if not shard_path.is_file() or file_sha256(shard_path) != sha:
-            raise ValueError(f"shard {name!r} has changed or is gone since it was sketched (content hash {sha[:12]}); "
+            raise ShardError(f"shard {name!r} has changed or is gone since it was sketched (content hash {sha[:12]}); "
                              "re-materialize raw_shard and gradient_sketch for it")
         images = read_shard(shard_path).images
     scores = spatial_structure(images)
@@ -86,7 +87,7 @@ def unstructured_rows(cache_dir: Path, shards: Mapping[str, tuple[Path, str]], r
     scores = np.concatenate([structure_scores(cache_dir, shards[name][0], name, shards[name][1])
                              for name in sorted(shards)])
     if scores.shape != (rows,):
-        raise ValueError(f"structure scores cover {scores.size} images but the sketches have {rows} rows; "
+        raise ShardError(f"structure scores cover {scores.size} images but the sketches have {rows} rows; "
                          "re-materialize raw_shard and gradient_sketch for all shards")
     return lacks_structure(scores, threshold)
 

@@ -20,6 +20,7 @@ import dagster as dg
 import numpy as np
 
 from skmm_pipeline import evaluation as cmp
+from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.selection import SELECTORS
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.pool import load_sketches
@@ -114,10 +115,10 @@ def selection_benchmark(
     device, model, ids, labels, images = data.device, data.model, data.ids, data.y, data.images
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
-        raise ValueError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
+        raise SketchMismatchError(f"the shard sketches cover {len(sketch_ids)} samples, the registered shards {len(ids)} (or in "
                          "another order): re-materialize gradient_sketch for every shard")
     if identity.get("model_id") != pretrained_model["model_id"]:
-        raise ValueError(f"the sketches were made with model {identity.get('model_id')}, the pretrained model is "
+        raise SketchMismatchError(f"the sketches were made with model {identity.get('model_id')}, the pretrained model is "
                          f"{pretrained_model['model_id']}: re-materialize gradient_sketch")
     pool_f, (val_f, test_f) = standardized_features(model, images, [ev.val.images, ev.test.images], device=device)
     pool = cmp.Split.of("pool", pool_f, labels, images, ids=ids)

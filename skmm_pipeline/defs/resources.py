@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from skmm_pipeline.core.errors import ConfigError
 from skmm_pipeline.data.shards import check_shard_name
 from skmm_pipeline.tracking.mlflow_store import MlflowTracker, sqlite_uri
 from skmm_pipeline.versioning.dvc_store import SubsetStore
@@ -19,7 +20,7 @@ from skmm_pipeline.versioning.dvc_store import SubsetStore
 def _absolute(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_absolute():
-        raise ValueError(f"{what} must be an absolute path, got {path!r}")
+        raise ConfigError(f"{what} must be an absolute path, got {path!r}")
     return p
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core.errors import DataError
 from skmm_pipeline.data.contract import CARRIES
 from skmm_pipeline.data.digits import load_digits_transfer
 from skmm_pipeline.data.shards import read_shard
@@ -37,17 +38,17 @@ class EvalData:
         present = [name for name in ("val.npz", "test.npz") if (folder / name).is_file()]
         if len(present) == 1:
             missing = "test.npz" if present == ["val.npz"] else "val.npz"
-            raise ValueError(f"{folder} holds {present[0]} but no {missing}: put both evaluation splits there (e.g. "
+            raise DataError(f"{folder} holds {present[0]} but no {missing}: put both evaluation splits there (e.g. "
                              "the import_data job with role val / test), or neither to use the embedded digits splits")
         if present:
             self.files = {"val": folder / "val.npz", "test": folder / "test.npz"}
             val, test = read_shard(self.files["val"], verify), read_shard(self.files["test"], verify)
             for split, path in ((val, self.files["val"]), (test, self.files["test"])):
                 if split.task is None:
-                    raise ValueError(f"validation and test splits in {folder} need labels (classification) or targets "
+                    raise DataError(f"validation and test splits in {folder} need labels (classification) or targets "
                                      f"(regression); {path} has neither")
             if val.task != test.task:
-                raise ValueError(f"the validation and test splits disagree on the task: {self.files['val']} carries "
+                raise DataError(f"the validation and test splits disagree on the task: {self.files['val']} carries "
                                  f"{CARRIES[val.task]}, {self.files['test']} {CARRIES[test.task]}; both need labels "
                                  "(classification) or both targets (regression)")
             self.val, self.test, self.source, self.task = val, test, str(folder), val.task
@@ -99,12 +100,12 @@ def _read_pool(shards: Mapping[str, Mapping], unlabelled_error: str):
     paths = [Path(shards[name]["path"]) for name in sorted(shards)]
     read = [read_shard(p) for p in paths]
     if any(s.task is None for s in read):
-        raise ValueError(unlabelled_error)
+        raise DataError(unlabelled_error)
     by_task: dict[str, list[str]] = {}
     for s, p in zip(read, paths):
         by_task.setdefault(s.task, []).append(str(p))
     if len(by_task) > 1:
-        raise ValueError("the pool shards disagree on the task: " + "; ".join(
+        raise DataError("the pool shards disagree on the task: " + "; ".join(
             f"{CARRIES[t]} in {files[:5]}" for t, files in sorted(by_task.items()))
             + ". Every shard needs labels (classification) or every shard targets (regression)")
     task = read[0].task
@@ -129,14 +130,14 @@ def load_labelled_pool(shards: Mapping[str, Mapping], model_path, device: str, u
     ``regression_error`` for shards with regression targets."""
     pool = load_pool(shards, model_path, device, unlabelled_error)
     if pool.task != "classification":
-        raise ValueError(f"{regression_error}: the pool shards carry regression targets ({pool.files[:5]})")
+        raise DataError(f"{regression_error}: the pool shards carry regression targets ({pool.files[:5]})")
     return pool
 
 
 def check_same_task(pool: Pool, ev: EvalData) -> str:
     """The run's task: the pool and the evaluation splits must carry the same kind of targets."""
     if pool.task != ev.task:
-        raise ValueError(f"the pool and the evaluation splits disagree on the task: the pool shards ({pool.files[:5]}) "
+        raise DataError(f"the pool and the evaluation splits disagree on the task: the pool shards ({pool.files[:5]}) "
                          f"carry {CARRIES[pool.task]} but {ev.describe()}; use labels everywhere (classification) "
                          "or targets everywhere (regression)")
     return pool.task
@@ -148,7 +149,7 @@ def check_regression_model(model, backbone: str) -> None:
     if model.num_classes != 1:
         hint = ("the embedded small CNN keeps the 5 outputs of its digits pretraining" if backbone == "small_cnn"
                 else "settings.num_classes must be 0 (one output when the evaluation splits carry targets) or 1")
-        raise ValueError(f"a regression pool (targets) needs a model with one output; the pretrained model "
+        raise DataError(f"a regression pool (targets) needs a model with one output; the pretrained model "
                          f"({backbone}) has {model.num_classes} ({hint}): use a torchvision backbone, "
                          "e.g. backbone='resnet18', and re-materialize pretrained_model")
 
@@ -156,6 +157,6 @@ def check_regression_model(model, backbone: str) -> None:
 def check_regression_setup(model, label_mode: str, backbone: str) -> None:
     """Refuse, before any training, what a regression run cannot do."""
     if label_mode in ("random", "true"):
-        raise ValueError(f"label_mode={label_mode!r} takes gradients of a classification loss; a regression "
+        raise DataError(f"label_mode={label_mode!r} takes gradients of a classification loss; a regression "
                          "pool (targets) needs label_mode='expected' (label-free): re-sketch with it")
     check_regression_model(model, backbone)

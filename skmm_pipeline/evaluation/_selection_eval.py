@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from skmm_pipeline.core.errors import ConfigError, DataError
 from skmm_pipeline.core.sketch import derive_seed
 from skmm_pipeline.evaluation._data import EvalData, Pool, check_regression_setup, check_same_task, load_pool
 from skmm_pipeline.evaluation._finetune import FINETUNE_MODES, EvalSplit, finetune_tail, linear_probe, ridge_probe
@@ -145,7 +146,7 @@ def comparison_subsets(pool_ids: list[str], sample_ids: list[str], method: str, 
     position = {sid: k for k, sid in enumerate(pool_ids)}
     missing = [s for s in sample_ids if s not in position]
     if missing:
-        raise ValueError(f"{len(missing)} selected ids are not in the registered shards, e.g. {missing[:3]}")
+        raise DataError(f"{len(missing)} selected ids are not in the registered shards, e.g. {missing[:3]}")
     n = len(sample_ids)
     subsets = {method: np.array([position[s] for s in sample_ids])}
     uniform_keys = [f"uniform#{r}" for r in range(uniform_repeats)]
@@ -184,7 +185,7 @@ def evaluate_selection(shards: Mapping[str, Mapping], model_path, eval_folder, s
     Raises ``ValueError`` for an unknown finetuning mode, an unlabelled pool, a pool and evaluation
     splits that disagree on the task, or selected ids outside the pool."""
     if finetune_mode not in FINETUNE_MODES:
-        raise ValueError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {finetune_mode!r}")
+        raise ConfigError(f"finetune_mode must be one of {sorted(FINETUNE_MODES)}, got {finetune_mode!r}")
     pool = load_pool(shards, model_path, device,
                      "finetune_eval needs labelled shards to train the head on the selected subset")
     ev = EvalData(eval_folder)

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skmm_pipeline.core.errors import BackboneWeightsError
+from skmm_pipeline.core.errors import BackboneWeightsError, ConfigError
 from skmm_pipeline.core.sketch_engine import model_fingerprint
 from skmm_pipeline.data.vision import SMALL_CNN_TRANSFORM, ImageTransform
 from skmm_pipeline.models.small_cnn import BodyHeadModel, SmallCNN
@@ -107,7 +107,7 @@ def available_architectures() -> list[str]:
 
 def _spec(arch: str) -> ArchSpec:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; available: {available_architectures()}")
+        raise ConfigError(f"unknown architecture {arch!r}; available: {available_architectures()}")
     return ARCHITECTURES[arch]
 
 
@@ -208,7 +208,7 @@ def build_backbone(
     """
     spec = _spec(arch)
     if isinstance(num_classes, bool) or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     num_classes = int(num_classes)
     size = int(image_size or spec.default_image_size)
     path = None
@@ -319,7 +319,7 @@ def model_id(model: nn.Module) -> str:
 
 def _check_set(name: str) -> str:
     if name not in PARAMETER_SETS:
-        raise ValueError(f"unknown parameter set {name!r}; available: {list(PARAMETER_SETS)}")
+        raise ConfigError(f"unknown parameter set {name!r}; available: {list(PARAMETER_SETS)}")
     return name
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core.errors import BackboneWeightsError, InputError, SetupError
 from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
 from skmm_pipeline.core.sketch import Sketch
 from skmm_pipeline.core.validation import check_int
@@ -56,7 +57,7 @@ def select_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+        raise SetupError("device 'cuda' was requested but no CUDA device is available")
     return torch.device(preference)
 
 
@@ -129,7 +130,7 @@ def load_model(path: Path, device="cpu") -> SmallCNN:
         model = SmallCNN(int(blob["num_classes"]))
         model.load_state_dict(blob["state_dict"])
     except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"cannot load model weights from {path}: {exc}") from exc
+        raise BackboneWeightsError(f"cannot load model weights from {path}: {exc}") from exc
     return model.to(device).eval()
 
 
@@ -157,7 +158,7 @@ def sketch_head_gradients(
     """
     expected_dim = gradient_dim(model.head.in_features, model.head.out_features, label_mode)
     if sketch.input_dim != expected_dim:
-        raise ValueError(f"sketch input_dim {sketch.input_dim} != gradient dimension {expected_dim} ({label_mode})")
+        raise InputError(f"sketch input_dim {sketch.input_dim} != gradient dimension {expected_dim} ({label_mode})")
     model.eval()
     X = torch.as_tensor(images)
     Y = None if labels is None else torch.as_tensor(labels)

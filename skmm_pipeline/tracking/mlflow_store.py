@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skmm_pipeline.core.errors import ConfigError
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ _METRIC_NAME_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. :]")
 def sqlite_uri(db_path: Path) -> str:
     db_path = Path(db_path)
     if not db_path.is_absolute():
-        raise ValueError(f"MLflow sqlite path must be absolute, got {db_path}")
+        raise ConfigError(f"MLflow sqlite path must be absolute, got {db_path}")
     return f"sqlite:///{db_path}"
 
 
