@@ -21,7 +21,9 @@
   classes is refused the same way (a class-balanced subset has at least one sample per class).
 
 The result is a tidy DataFrame, one row per finetuning mode x method x budget x seed (plus, optionally,
-the full pool as a ceiling). ``summary.summarize`` gives mean +- s.e.m. per method and budget and the
+the full pool as a ceiling). Each row keeps the subset it scored: ``selected`` (the pool row indices in
+selection order, space-separated) and ``class_counts`` (picks per class, in sorted label order).
+``summary.summarize`` gives mean +- s.e.m. per method and budget and the
 paired difference to the group's uniform baseline in s.e.m. units; ``report.method_table`` and
 ``report.z_table`` lay it out method x budget; ``report.plot_comparison`` draws metric vs budget;
 ``summary.headline_checks`` states whether a method is best in its group and ahead of uniform.
@@ -58,6 +60,7 @@ HP_COLUMNS = ("C", "lr", "weight_decay", "epochs")
 COLUMNS = (
     "finetune", "group", "method", "base_method", "class_balanced", "input", "n", "seed", "status", "reason",
     "test_accuracy", "macro_f1", "val_accuracy", "n_classes_seen", *HP_COLUMNS, "select_seconds", "fit_seconds",
+    "selected", "class_counts",
 )
 TIMING_COLUMNS = ("select_seconds", "fit_seconds")
 
@@ -410,7 +413,8 @@ def _thread_limit(threads: int | None):
 
 
 def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start) -> None:
-    n_classes = int(np.unique(pool.labels).size)
+    classes, codes = np.unique(pool.labels, return_inverse=True)
+    n_classes = int(classes.size)
     N = len(pool)
     for k, seed in enumerate(seeds):
         G, sketch_error = None, None
@@ -442,14 +446,16 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
                     continue
                 t_sel = time.perf_counter() - t0
                 idx = np.asarray(sel.indices)
+                picked = {"selected": " ".join(map(str, idx.tolist())),
+                          "class_counts": " ".join(map(str, np.bincount(codes[idx], minlength=len(classes)).tolist()))}
                 for ft in modes:
                     t1 = time.perf_counter()
                     try:
                         values = evaluators[ft](idx, seed)
                     except Exception as exc:
                         rows.append(_row(spec, ft, n, seed, status="failed", reason=f"{ft}: {_reason(exc)}",
-                                         select_seconds=t_sel))
+                                         select_seconds=t_sel, **picked))
                         continue
                     rows.append(_row(spec, ft, n, seed, select_seconds=t_sel, fit_seconds=time.perf_counter() - t1,
-                                     **values))
+                                     **values, **picked))
         say(f"seed {seed} done ({k + 1}/{len(seeds)}, {time.perf_counter() - t_start:.0f} s)")
