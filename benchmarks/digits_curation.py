@@ -65,13 +65,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--budgets", default="20,40,80,160")
     ap.add_argument("--sketch-dim", type=int, default=128)
+    ap.add_argument("--pretrain-epochs", type=int, default=40)
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 1 seed, n = 20, 3 pretraining epochs")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.budgets, args.pretrain_epochs = 1, "20", 3
     budgets = [int(b) for b in args.budgets.split(",")]
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     data = load_digits_transfer()
-    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, seed=0)
+    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, epochs=args.pretrain_epochs,
+                     seed=0)
     val_raw, test_raw = (extract_features(model, s.images) for s in (data.val, data.test))
 
     clean_flag = lacks_structure(spatial_structure(data.pool.images))  # the unpolluted pool: the same every seed

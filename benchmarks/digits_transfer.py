@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default="", help="write the accuracy-vs-n plot (PNG) here")
     ap.add_argument("--from-csv", default="", help="print the report of rows saved with --csv; run nothing")
     ap.add_argument("--markdown", default="", help="also write the excerpt table per finetuning mode into this folder")
+    ap.add_argument("--pretrain-epochs", type=int, default=40)
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 2 seeds, n = 10 and 20, three methods, 3 pretraining epochs")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budgets, args.methods, args.pretrain_epochs = 2, "10,20", "skmm,uniform,k-center", 3
     if args.from_csv:
         report(pd.read_csv(args.from_csv, keep_default_na=False, na_values=[""]), args)
         return 0
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     data = load_digits_transfer()
     torch.set_num_threads(args.pretrain_threads)
-    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, seed=0)
+    model = pretrain(data.source_train.images, data.source_train.labels, data.num_classes, epochs=args.pretrain_epochs,
+                     seed=0)
     log("pretrained")
     torch.set_num_threads(args.threads)
     threadpool_limits(limits=args.threads, user_api="blas")

@@ -96,9 +96,12 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--sketch-dim", type=int, default=40)
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 1 seed, n = 48, skmm and uniform")
     ap.add_argument("--speed", action="store_true", help="also run the N=3000, m=40 speed comparison")
     ap.add_argument("--csv", default=None, help="write the per-run rows to this CSV")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.budgets, args.methods = 1, "48", "skmm,uniform"
     torch.set_num_threads(2)
     budgets = [int(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")

@@ -79,7 +79,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ks", default="4,8")
     ap.add_argument("--shard-size", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: k = 2, shards of 60 samples")
     args = ap.parse_args()
+    if args.quick:
+        args.ks, args.shard_size = "2", 60
     ks = [int(k) for k in args.ks.split(",")]
     print(f"{'k':>3} {'strategy':>12} {'shards':>7} {'samples':>8} {'sketch s':>9} {'wall s':>7}")
     heads = []

@@ -137,13 +137,16 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--child-large", nargs=4, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: the small case at n = 48 once, and N = 100,000, m = 32 for the large one")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.large_N, args.large_m, args.large_n = 1, 100_000, 32, 1000
     if args.child_large:
         _child_large(*args.child_large)
         return
     if not args.skip_small:
         print("== selection speed, small (N = 3000, m = 40) ==")
-        print(small(args.repeats))
+        print(small(args.repeats, budgets=(48,) if args.quick else (48, 200)))
     if not args.skip_large:
         for r in range(args.repeats):
             print(f"== selection speed, large (run {r + 1} of {args.repeats}) ==")

@@ -381,7 +381,11 @@ def main() -> None:
     ap.add_argument("--quality-seeds", type=int, default=3)
     ap.add_argument("--rss-n", default="10000,100000")
     ap.add_argument("--parts", default="ft1,ft2,rss", help="which tables to produce")
+    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: N = 256, m = 64, one repeat, FT-1 and one peak-RSS size")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.m, args.baseline_n, args.repeats, args.quality_seeds, args.rss_n, args.parts = (
+            256, 64, 32, 1, 1, "2000", "ft1,rss")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     t0 = time.perf_counter()
