@@ -152,12 +152,15 @@ def run_digits(sc: Scenario, seeds: list[int], budgets, log) -> pd.DataFrame:
     pool = ev.Split.of("pool", pool_f, pool_y, pool_x)
     val = ev.Split.of("val", val_f, d["val"].labels, d["val"].images)
     test = ev.Split.of("test", test_f, d["test"].labels, d["test"].images)
-    sketches = ev.SeededSketches(model, pool_x, labels=pool_y, sample_ids=list(pool.ids), sketch_dim=128,
-                                 kind="gaussian", layers="ft1", label_mode="expected", device="cpu")
+    how = dict(sketch_dim=128, kind="gaussian", layers="ft1", label_mode="expected", device="cpu")
+    sketches = ev.SeededSketches(model, pool_x, labels=pool_y, sample_ids=list(pool.ids), **how)
+    val_sketches = ev.SeededSketches(model, d["val"].images, **how)  # label-free: the images only
     k = int(d["num_classes"])
     ns = sorted({n for n in (k, 2 * k, *budgets) if n <= len(pool_y)})
-    df = ev.compare(pool, val, test, ev.default_specs(list(LABEL_FREE), class_balanced=True), ns, seeds,
-                    sketch=sketches, finetune="ft1", progress=log, threads=1)
+    specs = ev.default_specs(list(LABEL_FREE), class_balanced=True)
+    specs.insert(1, ev.MethodSpec("skmm", options={"reference": "validation"}, label="skmm-val"))
+    df = ev.compare(pool, val, test, specs, ns, seeds, sketch=sketches, finetune="ft1", progress=log, threads=1,
+                    validation_sketch=val_sketches)
     failed = df[df.status != "ok"]
     if len(failed):
         log(f"{sc.name}: {len(failed)} failed runs, e.g. {failed.method.iloc[0]} n={failed.n.iloc[0]}: {failed.reason.iloc[0]}")

@@ -220,3 +220,18 @@ def test_duplicate_rows_equals_a_brute_force_count():
     assert duplicate_rows(np.zeros((5000, 3))) == 4999
     X = rng.integers(0, 2, size=(400, 6)).astype(np.float32)  # many chunks of a few rows each
     assert duplicate_rows(X, chunk_elems=20) == duplicate_rows(X) == 400 - len({tuple(r) for r in X})
+
+
+def test_skmm_reference_matches_another_moment_and_the_pool_itself_changes_nothing():
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(400, 8))
+    default = select("skmm", G, 25, seed=1).indices
+    assert np.array_equal(select("skmm", G, 25, seed=1, reference=G).indices, default)
+    # a reference living in the first four directions: the picks carry less energy in the other four
+    R = rng.normal(size=(60, 8)) * np.r_[np.ones(4), np.zeros(4)]
+    picked = select("skmm", G, 25, seed=1, reference=R).indices
+    assert np.abs(G[picked, 4:]).mean() < 0.8 * np.abs(G[default, 4:]).mean()
+    for bad, msg in ((rng.normal(size=(10, 5)), "5 columns"), (np.zeros((10, 8)), "all zero"),
+                     (np.full((3, 8), np.nan), "non-finite")):
+        with pytest.raises(InputError, match=msg):
+            select("skmm", G, 25, reference=bad)

@@ -247,3 +247,19 @@ def test_selection_benchmark_asset(project, tmp_path):
     with pytest.raises(InputError, match="not a sketch-engine identity"):
         cmp.SeededSketches.from_identity(model, images, {"kind": "gaussian", "seed": 0, "sketch_dim": G.shape[1]}, G,
                                          sample_ids=ids, device="cpu")
+
+
+def test_rows_keep_the_subset_and_a_spec_can_match_the_validation_moment(splits):
+    pool, val, test = splits
+    specs = [cmp.MethodSpec("skmm"), cmp.MethodSpec("skmm", options={"reference": "validation"}, label="skmm-val")]
+    with pytest.raises(InputError, match="validation_sketch"):
+        cmp.compare(pool, val, test, specs, budgets=(8,), seeds=(0,), sketch=projection_sketch(pool))
+    S = np.random.default_rng(1000).normal(size=(pool.features.shape[1], 5)) / np.sqrt(5)
+    df = cmp.compare(pool, val, test, specs, budgets=(8,), seeds=(0,), sketch=projection_sketch(pool),
+                     validation_sketch=lambda seed: val.features @ S)
+    assert (df.status == "ok").all()
+    for _, row in df.iterrows():
+        idx = np.array(row.selected.split(), dtype=int)
+        assert idx.size == 8 and np.unique(idx).size == 8
+        counts = np.array(row.class_counts.split(), dtype=int)
+        assert counts.sum() == 8 and np.array_equal(counts, np.bincount(pool.labels[idx], minlength=K))

@@ -334,8 +334,12 @@ def compare(
     full_pool: bool = False,
     progress: Callable[[str], None] | None = None,
     threads: int | None = 1,
+    validation_sketch: Callable[[int], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Run the grid; one row per finetuning mode x spec x budget x seed (see the module doc).
+
+    ``validation_sketch``: the validation split's rows for a seed, sketched like the pool; a spec whose
+    options say ``reference="validation"`` selects against that moment instead of the pool's.
 
     ``sketch``: the pool's gradient sketch for a seed (a callable, e.g. :class:`SeededSketches`), or one
     array used for every seed; needed when a spec's input is ``"any"``. ``finetune``: ``ft1``, ``ft2``
@@ -377,12 +381,14 @@ def compare(
                 raise InputError("FT-2 needs ft2=FT2Setup(prefix, tail, ...)")
             evaluators[ft] = _FT2(ft2, pool, val, test, ledger)
     sketch_fn = sketch if callable(sketch) or sketch is None else (lambda _seed, _G=sketch: _G)
+    if validation_sketch is None and any(s.options.get("reference") == "validation" for s in specs):
+        raise InputError('specs with reference="validation" need validation_sketch=')
     say = progress or (lambda _msg: None)
 
     rows: list[dict] = []
     t_start = time.perf_counter()
     with _thread_limit(threads):
-        _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start)
+        _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch)
         if full_pool:
             everything = np.arange(len(pool))
             for ft in modes:
@@ -412,7 +418,7 @@ def _thread_limit(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start) -> None:
+def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch) -> None:
     classes, codes = np.unique(pool.labels, return_inverse=True)
     n_classes = int(classes.size)
     N = len(pool)
@@ -425,7 +431,13 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
                     raise InputError(f"the sketch for seed {seed} has shape {G.shape}, expected ({N}, m)")
             except Exception as exc:  # every sketch-based row of this seed fails with this reason
                 sketch_error = "sketch: " + _reason(exc)
+        reference = None
+        if any(s.options.get("reference") == "validation" for s in specs):
+            reference = np.asarray(validation_sketch(seed))
         for spec in specs:
+            options = dict(spec.options)
+            if options.get("reference") == "validation":
+                options["reference"] = reference
             X = G if spec.input == "any" else pool.features
             for n in budgets:
                 def failed(why, spec=spec, n=n):
@@ -440,7 +452,7 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
                 t0 = time.perf_counter()
                 try:
                     sel = selection.select(spec.method, X, n, seed=seed, labels=pool.labels if spec.uses_labels else None,
-                                           class_balanced=spec.class_balanced, **spec.options)
+                                           class_balanced=spec.class_balanced, **options)
                 except Exception as exc:
                     failed("selection: " + _reason(exc))
                     continue

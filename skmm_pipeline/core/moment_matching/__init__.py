@@ -67,6 +67,7 @@ from skmm_pipeline.core.moment_matching.statistics import (
     moment_stats,
     principal_coordinates,
     second_moment,
+    target_stats,
 )
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "resolve_ridge",
     "rpc_pivots",
     "second_moment",
+    "target_stats",
     "solve_lp",
     "subset_objective",
     "trace_design",

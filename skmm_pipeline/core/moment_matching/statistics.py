@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from skmm_pipeline.core.moment_matching._compute import CHUNK_ROWS, _chunks
-from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.core.validation import InputError, as_finite_matrix
 
 
 def second_moment(G) -> np.ndarray:
@@ -66,6 +66,19 @@ def moment_stats(G) -> MomentStats:
     lam, V = np.linalg.eigh(sigma)
     lam = np.clip(lam[::-1], 0.0, None)
     return MomentStats(N=N, m=m, sigma=sigma, lam=lam, V=np.ascontiguousarray(V[:, ::-1]), row_sqnorm=sq)
+
+
+def target_stats(pool: MomentStats, reference) -> MomentStats:
+    """The pool's statistics with the moment to match replaced by ``reference``'s (R x m rows sketched
+    like the pool, e.g. the validation split): the design then covers the directions the reference
+    occupies, in its proportions, and rows of the pool are only worth what they add there."""
+    R = as_finite_matrix(reference, "reference")
+    if R.shape[1] != pool.m:
+        raise InputError(f"reference rows have {R.shape[1]} columns, the pool's sketch has {pool.m}")
+    ref = moment_stats(R)
+    if ref.lam[0] <= 0:
+        raise InputError("the reference rows are all zero: there is no moment to match")
+    return MomentStats(N=pool.N, m=pool.m, sigma=ref.sigma, lam=ref.lam, V=ref.V, row_sqnorm=pool.row_sqnorm)
 
 
 def moment_ratio(G, indices, rel_tol: float = 1e-6, stats: MomentStats | None = None) -> float:

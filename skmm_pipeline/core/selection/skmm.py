@@ -26,7 +26,12 @@ def _skmm(
     start=SKMM_DEFAULTS["start"],
     exchange=SKMM_DEFAULTS["exchange"],
     candidates="auto",
+    reference=None,
 ):
+    """``reference``: rows sketched like the pool (e.g. the validation split) whose second moment the
+    design matches instead of the pool's (:func:`moment_matching.target_stats`)."""
+    if reference is not None:
+        stats = moment_matching.target_stats(stats, reference)
     res = moment_matching.trace_design(
         X, n, stats=stats, seed=seed, design_dim=design_dim, ridge=ridge, start=start, exchange=exchange, candidates=candidates
     )
