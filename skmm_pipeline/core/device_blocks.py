@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from skmm_pipeline.core.errors import SetupError
 from skmm_pipeline.core.sketch import ROW_ALIGN
 from skmm_pipeline.core.validation import InputError
 
@@ -32,6 +33,17 @@ CUDA_ROWS = (64, 16384)  # bounds of a CUDA block
 CUDA_MEMORY_SHARE = 0.5  # of the free device memory, for one block's working set
 CUDA_BLOCK_BYTES = 16 << 30  # and at most this much: larger blocks run no faster and crowd other work
 PROBE_ROWS = 32  # rows of the block whose peak memory is measured
+
+
+def resolve_device(device=None) -> torch.device:
+    """The one device of a run: cuda when available (``None``/``"auto"``), else cpu; a device that is not
+    there is a :class:`SetupError`."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device {str(dev)!r} was requested but no CUDA device is available")
+    return dev
 
 
 @dataclass

@@ -20,6 +20,7 @@ import dagster as dg
 import numpy as np
 
 from skmm_pipeline import evaluation as cmp
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.selection import SELECTORS
 from skmm_pipeline.core.validation import InputError
@@ -33,9 +34,9 @@ from skmm_pipeline.tracking.mlflow_store import run_tags
 class BenchmarkConfig(dg.Config):
     """What the benchmark compares (run config of ``selection_benchmark``)."""
 
-    budgets: list[int] = [10, 20, 40, 80, 160]
+    budgets: list[int] = list(defaults.BENCHMARK_BUDGETS)
     # Seeds settings.seed, settings.seed + 1, ...; each fixes the sketch, the selection and the training.
-    seeds: int = 5
+    seeds: int = defaults.BENCHMARK_SEEDS
     # Registered selection methods; empty: all of them but the research code's skmm-v1-reference.
     methods: list[str] = []
     # "ft1" (logistic head on frozen features, C chosen on validation), "ft2" (last block + head) or "both".

@@ -6,6 +6,8 @@ partitions (the shard sensor would find them too); validation/test splits go to 
 Images are transformed for ``settings.backbone`` at ``settings.image_size``.
 """
 
+from dataclasses import fields
+
 import dagster as dg
 import numpy as np
 from pydantic import Field
@@ -64,20 +66,24 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
     return dg.Output(record, data_version=dg.DataVersion(sha), metadata=meta)
 
 
+# The defaults are ImportRequest's (data/ingest.py), stated once there.
+_REQUEST = {f.name: f.default for f in fields(ImportRequest)}
+
+
 class ImportConfig(dg.Config):
     source: str = Field(description="cifar10 | imagefolder | csv (image path + numeric target: regression)")
     path: str = Field(description="local path: the CIFAR-10 folder (or its parent), the ImageFolder root, or the CSV file")
-    role: str = Field(default="pool", description="pool: shards into the landing folder; val or test: one evaluation split")
-    split: str = Field(default="train", description="cifar10 only: train or test")
-    name: str = Field(default="", description="shard name prefix (default: from the path)")
-    shards: int = Field(default=1, description="number of pool shards")
-    val_fraction: float = Field(default=0.0, description="role pool: hold out this share as val.npz (stratified by class)")
-    test_fraction: float = Field(default=0.0, description="role pool: hold out this share as test.npz (stratified by class)")
-    seed: int = Field(default=0, description="fixes the held-out split")
-    on_corrupt: str = Field(default="skip", description="skip (count and log unreadable images) or raise")
-    overwrite_eval: bool = Field(default=False, description="replace an existing val.npz / test.npz")
-    path_column: str = Field(default="path", description="csv only")
-    target_column: str = Field(default="target", description="csv only")
+    role: str = Field(default=_REQUEST["role"], description="pool: shards into the landing folder; val or test: one evaluation split")
+    split: str = Field(default=_REQUEST["split"], description="cifar10 only: train or test")
+    name: str = Field(default=_REQUEST["name"], description="shard name prefix (default: from the path)")
+    shards: int = Field(default=_REQUEST["shards"], description="number of pool shards")
+    val_fraction: float = Field(default=_REQUEST["val_fraction"], description="role pool: hold out this share as val.npz (stratified by class)")
+    test_fraction: float = Field(default=_REQUEST["test_fraction"], description="role pool: hold out this share as test.npz (stratified by class)")
+    seed: int = Field(default=_REQUEST["seed"], description="fixes the held-out split")
+    on_corrupt: str = Field(default=_REQUEST["on_corrupt"], description="skip (count and log unreadable images) or raise")
+    overwrite_eval: bool = Field(default=_REQUEST["overwrite_eval"], description="replace an existing val.npz / test.npz")
+    path_column: str = Field(default=_REQUEST["path_column"], description="csv only")
+    target_column: str = Field(default=_REQUEST["target_column"], description="csv only")
 
 
 @dg.op(description="Write a local dataset into the workspace (pool shards, evaluation splits) and register the shards.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import ConfigError
 from skmm_pipeline.data.shards import check_shard_name
 from skmm_pipeline.tracking.mlflow_store import MlflowTracker, sqlite_uri
@@ -32,8 +33,8 @@ def default_project_root() -> Path:
 class SkmmSettings(dg.ConfigurableResource):
     """What to select and how. A seed fixes the sketch, the selection and the evaluation."""
 
-    seed: int = 0
-    budget: int = 40
+    seed: int = defaults.SEED
+    budget: int = defaults.BUDGET
     method: str = "skmm"
     # Stage 1 (core.sketch_engine.GradientSketcher). sketch_kind: "auto" (TensorSketch for large
     # outer-product blocks, CountSketch for small ones, a dense Gaussian for Jacobian rows),
@@ -42,7 +43,7 @@ class SkmmSettings(dg.ConfigurableResource):
     # calibration_rows validation images). label_mode: "expected" (label-free), "random"
     # (label_draws seeded draws per sample) or "true". precision: float16/bfloat16 autocast on CUDA.
     sketch_kind: str = "auto"
-    sketch_dim: int = 128
+    sketch_dim: int = defaults.SKETCH_DIM
     sketch_layers: str = "ft1"
     label_mode: str = "expected"
     label_draws: int = 1

@@ -10,7 +10,7 @@ from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.core.gradients import resolve_layers
 from skmm_pipeline.core.hashing import json_hash
-from skmm_pipeline.core.sketch_engine import GradientSketcher, calibrate_block_scales, resolve_device
+from skmm_pipeline.core.sketch_engine import SketchConfig, calibrate_block_scales, resolve_device
 from skmm_pipeline.core.sketch_io import SketchShardWriter, identity_hash
 from skmm_pipeline.data.digits import load_digits_transfer
 from skmm_pipeline.data.loader import sketch_shard
@@ -19,7 +19,7 @@ from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 from skmm_pipeline.evaluation import EvalData, check_regression_model
 from skmm_pipeline.models.backbones import build_backbone, load_backbone, model_id, save_backbone
-from skmm_pipeline.models.small_cnn import accuracy, pretrain, select_device
+from skmm_pipeline.models.small_cnn import accuracy, pretrain
 
 
 @dg.asset(
@@ -30,7 +30,7 @@ from skmm_pipeline.models.small_cnn import accuracy, pretrain, select_device
     "or a torchvision backbone with local weights (settings.backbone).",
 )
 def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, workspace: Workspace) -> dg.Output[dict]:
-    device = select_device(settings.device)
+    device = resolve_device(settings.device)
     meta: dict = {"device": str(device), "backbone": settings.backbone}
     t0 = time.perf_counter()
     if settings.backbone == "small_cnn":
@@ -71,12 +71,12 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
 
 def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id: str, device):
     """The run's one :class:`GradientSketcher`, configured by the settings."""
-    return GradientSketcher(
-        model, settings.sketch_dim, kind=settings.sketch_kind, seed=settings.seed, layers=settings.sketch_layers,
-        label_mode=settings.label_mode, draws=settings.label_draws,
-        block_scales=block_scales_for(model, settings, workspace, device), model_id=model_id, device=device,
-        precision=settings.precision, block_rows=settings.sketch_block_rows or None,
+    config = SketchConfig(
+        settings.sketch_dim, kind=settings.sketch_kind, layers=settings.sketch_layers, label_mode=settings.label_mode,
+        draws=settings.label_draws, block_scales=block_scales_for(model, settings, workspace, device),
+        model_id=model_id, precision=settings.precision, block_rows=settings.sketch_block_rows or None,
     )
+    return config.sketcher(model, settings.seed, device)
 
 
 @dg.asset(

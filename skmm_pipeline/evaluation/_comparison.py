@@ -46,7 +46,7 @@ from threadpoolctl import threadpool_limits
 
 from skmm_pipeline.core import selection
 from skmm_pipeline.core.selection import GROUPS, INPUTS, method_info
-from skmm_pipeline.core.sketch_engine import GradientSketcher
+from skmm_pipeline.core.sketch_engine import GradientSketcher, SketchConfig
 from skmm_pipeline.core.sketch_io import canonical_identity
 from skmm_pipeline.core.validation import InputError, check_int
 from skmm_pipeline.evaluation._finetune import DEFAULT_FT2_GRID, FINETUNE_MODES, EvalSplit, finetune_tail, linear_probe
@@ -226,15 +226,7 @@ class SeededSketches:
         Checks that the rebuilt sketcher, at the stored seed, has the stored identity and reproduces the stored rows of the first ``check_rows`` samples; raises ``InputError`` if not.
         """
         ident = dict(identity)
-        if "engine" not in ident:
-            raise InputError(f"not a sketch-engine identity (no 'engine' field): {ident}; re-materialize gradient_sketch")
-        blocks = ident.get("blocks") or []
-        kwargs = dict(
-            sketch_dim=int(ident["sketch_dim"]), kind=ident["kind"], layers=list(ident["param_set"]),
-            label_mode=ident["label_mode"], draws=int(ident.get("draws", 1)),
-            block_scales={b["name"]: float(b["scale"]) for b in blocks} or None,
-            model_id=ident.get("model_id"), precision=ident.get("precision", "float32"), device=device,
-        )
+        kwargs = {**SketchConfig.from_identity(ident).kwargs(), "device": device}
         seed = int(ident["seed"])
         out = cls(model, inputs, labels=labels, sample_ids=sample_ids, stored={seed: stored_rows}, **kwargs)
         k = min(len(inputs), check_rows)

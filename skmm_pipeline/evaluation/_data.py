@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core.device_blocks import resolve_device
 from skmm_pipeline.core.errors import DataError
 from skmm_pipeline.data.contract import CARRIES
 from skmm_pipeline.data.digits import load_digits_transfer
 from skmm_pipeline.data.shards import read_shard
 from skmm_pipeline.models.backbones import load_backbone
-from skmm_pipeline.models.small_cnn import select_device
 
 
 class EvalData:
@@ -116,7 +116,7 @@ def load_pool(shards: Mapping[str, Mapping], model_path, device: str, unlabelled
     """The run's device (``device``: a preference, ``"auto"`` for cuda when available), the pretrained
     model at ``model_path`` on it, and the pool of ``shards`` (shard name -> ``raw_shard`` record with its
     ``path``) in shard-name order; raises ``ValueError(unlabelled_error)`` for unlabelled shards."""
-    dev = select_device(device)
+    dev = resolve_device(device)
     model = load_backbone(Path(model_path), dev)
     read, task, files = _read_pool(shards, unlabelled_error)
     ids = [i for s in read for i in s.ids]

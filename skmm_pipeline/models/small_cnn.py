@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skmm_pipeline.core.errors import BackboneWeightsError, InputError, SetupError
+from skmm_pipeline.core.errors import BackboneWeightsError, InputError
 from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
 from skmm_pipeline.core.sketch import Sketch
 from skmm_pipeline.core.validation import check_int
@@ -50,15 +50,6 @@ class SmallCNN(BodyHeadModel):
             nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """The one device of a run: cuda when available (or asked for), else cpu."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise SetupError("device 'cuda' was requested but no CUDA device is available")
-    return torch.device(preference)
 
 
 def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -40,6 +40,7 @@ Modules: :mod:`.sketcher` (:class:`GradientSketcher`'s public API, its identity,
 Import from the package.
 """
 
+from skmm_pipeline.core.sketch_engine.config import SketchConfig
 from skmm_pipeline.core.sketch_engine.sketcher import (
     ENGINE_VERSION,
     KINDS,
@@ -56,6 +57,7 @@ __all__ = [
     "KINDS",
     "PRECISIONS",
     "GradientSketcher",
+    "SketchConfig",
     "calibrate_block_scales",
     "model_fingerprint",
     "resolve_device",

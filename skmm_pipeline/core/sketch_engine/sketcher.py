@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skmm_pipeline.core.device_blocks import is_out_of_memory, out_of_memory, pad_rows
+from skmm_pipeline.core.device_blocks import is_out_of_memory, out_of_memory, pad_rows, resolve_device
 from skmm_pipeline.core.gradients import FactorBlock, GradientFactorizer
 from skmm_pipeline.core.sketch import (
     ROW_ALIGN,
@@ -32,16 +32,6 @@ from skmm_pipeline.core.validation import InputError, check_int
 # path (rows differ from version 1 by float rounding only; sketches of different versions are never joined).
 ENGINE_VERSION = 2
 KINDS = ("auto", *SKETCHES)
-
-
-def resolve_device(device=None) -> torch.device:
-    """The one device of a run: cuda when available (``None``/``"auto"``), else cpu."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {str(dev)!r} was requested but no CUDA device is available")
-    return dev
 
 
 def model_fingerprint(model: nn.Module) -> str:
