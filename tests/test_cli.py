@@ -183,3 +183,18 @@ def test_shards_add_draws_a_fresh_seed_per_delivery_and_prints_it(tmp_path):
     assert seeds[0] != seeds[1]
     again = skmm("shards", "add", "--root", str(tmp_path), "--count", "10", "--seed", seeds[0])
     assert again.returncode == 2 and "same images as shard 'digits-new-000'" in again.stderr
+
+
+def test_select_with_a_reference_matches_its_moment_and_refuses_a_misshapen_one(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "X.npy", rng.normal(size=(200, 12)))
+    np.save(tmp_path / "R.npy", rng.normal(size=(30, 12)) * np.r_[np.ones(6), np.zeros(6)])
+    np.save(tmp_path / "bad.npy", rng.normal(size=(30, 5)))
+    proc = skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "10", "--reference", str(tmp_path / "R.npy"),
+                "--sketch-dim", "8", "--output", str(tmp_path / "idx.npy"))
+    assert proc.returncode == 0, proc.stderr
+    diag = json.loads((tmp_path / "idx.json").read_text())
+    assert diag["reference"].endswith("R.npy") and len(np.load(tmp_path / "idx.npy")) == 10
+    proc = skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "10", "--reference", str(tmp_path / "bad.npy"),
+                "--output", str(tmp_path / "idx2.npy"))
+    assert proc.returncode == 2 and "12 columns" in proc.stderr

@@ -49,7 +49,7 @@ def _parse_option(text: str):
 
 
 def run(args) -> int:
-    paths = ResultPaths.plan(args.output, (args.input, args.labels, args.images), force=args.force)
+    paths = ResultPaths.plan(args.output, (args.input, args.labels, args.images, args.reference), force=args.force)
     X = read_npy(args.input, "--input")
     input_shape = list(X.shape)
     labels = None if args.labels is None else np.asarray(read_npy(args.labels, "--labels", kinds="iu"))
@@ -58,6 +58,10 @@ def run(args) -> int:
         options["class_balanced"] = True
     if args.outlier_guard:
         options["outlier_guard"] = True
+    reference = None if args.reference is None else read_npy(args.reference, "--reference")
+    if reference is not None and (reference.ndim != 2 or reference.shape[1] != X.shape[1]):
+        raise InputError(f"--reference must be a .npy array of rows like --input's ({X.shape[1]} columns), "
+                         f"got shape {reference.shape}")
     sketch_identity = None
     if args.sketch_dim is not None:
         X = as_selection_matrix(X, "input")  # finite, 2-D: fail with the row number before sketching
@@ -66,8 +70,10 @@ def run(args) -> int:
                    f"--sketch-dim {args.sketch_dim}")
         sk = make_sketch("gaussian", X.shape[1], args.sketch_dim, args.seed, args.sketch_name)
         X = sk.apply_rows(X, SKETCH_CHUNK_ROWS)
+        if reference is not None:  # the same map: the reference's moment lives in the same sketch
+            reference = sk.apply_rows(as_selection_matrix(reference, "reference"), SKETCH_CHUNK_ROWS)
         sketch_identity = sk.identity.as_dict()
-    extra = {}
+    extra = {} if reference is None else {"reference": reference}
     if args.images:
         if not args.outlier_guard:
             raise InputError("--images is used by the input check of --outlier-guard; pass --outlier-guard too")
@@ -85,6 +91,7 @@ def run(args) -> int:
         "input_shape": input_shape,
         "options": options,
         "images": None if args.images is None else str(args.images),
+        "reference": None if args.reference is None else str(args.reference),
         "sketch": sketch_identity,
         **result.diagnostics,
     }
