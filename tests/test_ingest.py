@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_cli import skmm
 from test_regression import brightness_csv
-from test_vision_data import write_cifar
+from test_vision import write_cifar
 
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
 from skmm_pipeline.data.shards import read_shard
