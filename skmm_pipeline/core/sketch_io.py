@@ -13,6 +13,7 @@ The manifest is written last and atomically, so a shard without one is incomplet
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from dataclasses import dataclass
@@ -77,6 +78,36 @@ def _ids_array(ids: Sequence) -> np.ndarray:
     return arr.astype(str) if arr.size else np.zeros(0, dtype="<U1")
 
 
+class _WriterLock:
+    """An exclusive lock on the shard's writer (``.<stem>.lock``), held until commit or abort. The lock
+    dies with its process, so whoever holds it knows every temporary file of the shard is an orphan; a
+    second live writer of the same shard is refused. The file is removed on release (the ``gpu`` pool
+    already keeps two runs from sketching one shard at once; the lock covers a crashed one)."""
+
+    def __init__(self, stem: Path):
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        self.path = stem.with_name(f".{stem.name}.lock")
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise InputError(f"sketch shard {stem.name!r} is being written by another process") from None
+
+    def release(self) -> None:
+        if not self.fh.closed:
+            self.path.unlink(missing_ok=True)
+            self.fh.close()
+
+
+def _remove_orphans(stem: Path) -> int:
+    """Delete the temporary files a killed writer of this shard left (``.<stem>.*.tmp``); their count."""
+    orphans = [p for p in stem.parent.glob(f".{stem.name}.*.tmp") if p.is_file()]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    return len(orphans)
+
+
 class SketchShardWriter:
     """Stream N x m rows into ``<stem>.rows.npy`` and commit the shard with its manifest.
 
@@ -93,9 +124,15 @@ class SketchShardWriter:
             raise InputError("a sketch shard needs at least one sample")
         if len(set(self.ids.tolist())) != len(self.ids):
             raise InputError("sample ids within a shard must be unique")
-        self._tmp_rows = temp_path(self.stem, "rows.")
-        self.rows = np.lib.format.open_memmap(self._tmp_rows, mode="w+", dtype=np.float32,
-                                              shape=(len(self.ids), sketch_dim))
+        self._lock = _WriterLock(self.stem)
+        try:
+            self.orphans_removed = _remove_orphans(self.stem)
+            self._tmp_rows = temp_path(self.stem, "rows.")
+            self.rows = np.lib.format.open_memmap(self._tmp_rows, mode="w+", dtype=np.float32,
+                                                  shape=(len(self.ids), sketch_dim))
+        except BaseException:
+            self._lock.release()
+            raise
         self._done = False
 
     def commit(self) -> Path:
@@ -119,6 +156,7 @@ class SketchShardWriter:
         }
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True, indent=1))
         self._done = True
+        self._lock.release()
         return manifest_path
 
     def abort(self) -> None:
@@ -127,6 +165,7 @@ class SketchShardWriter:
                 del self.rows
             self._tmp_rows.unlink(missing_ok=True)
             self._done = True
+            self._lock.release()
 
     def __enter__(self) -> "SketchShardWriter":
         return self
