@@ -3,7 +3,7 @@
 Interface
 ---------
 Every method here takes ``X`` = the pool's frozen penultimate features (N x d, e.g. the standardised
-output of :func:`skmm_pipeline.models.small_cnn.extract_features`) and **requires** ``labels`` (N,).
+output of :func:`skmm_pipeline.models.features.extract_features`) and **requires** ``labels`` (N,).
 The classes are the distinct label values, mapped in sorted order to ``0..K-1``; at least two are
 needed. Before scoring, a seeded *proxy* softmax linear head ``z = W x + b`` is trained on
 ``(X, labels)``: this is DeepCore's protocol of training the model on the full pool for a few epochs
