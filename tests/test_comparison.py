@@ -263,3 +263,16 @@ def test_rows_keep_the_subset_and_a_spec_can_match_the_validation_moment(splits)
         assert idx.size == 8 and np.unique(idx).size == 8
         counts = np.array(row.class_counts.split(), dtype=int)
         assert counts.sum() == 8 and np.array_equal(counts, np.bincount(pool.labels[idx], minlength=K))
+
+
+def test_class_balanced_specs_can_split_the_budget_equally(splits):
+    pool, val, test = splits
+    keep = np.r_[np.flatnonzero(pool.labels == 0), np.flatnonzero(pool.labels != 0)[:12]]  # class 0 dominates
+    lopsided = cmp.Split.of("pool", pool.features[keep], pool.labels[keep], pool.features[keep])
+    specs = [cmp.MethodSpec("uniform", class_balanced=True)]
+    with pytest.raises(InputError, match="class_budgets"):
+        cmp.compare(lopsided, val, test, specs, budgets=(8,), seeds=(0,), class_budgets="fair",
+                    sketch=projection_sketch(lopsided))
+    df = cmp.compare(lopsided, val, test, specs, budgets=(8,), seeds=(0,), class_budgets="equal",
+                     sketch=projection_sketch(lopsided))
+    assert df.class_counts.iloc[0] == "2 2 2 2"

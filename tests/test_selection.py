@@ -259,3 +259,16 @@ def test_select_is_deterministic():
         assert len(set(a.indices.tolist())) == 5
         assert "moment_ratio" in a.diagnostics
     assert not np.array_equal(select("uniform", X, 5, seed=1).indices, select("uniform", X, 5, seed=2).indices)
+
+
+def test_equal_class_budgets_share_the_budget_and_give_what_a_small_class_lacks_to_the_others():
+    y = np.repeat([0, 1, 2], [50, 10, 3])
+    assert class_budgets(y, 9, "equal") == {0: 3, 1: 3, 2: 3}
+    assert class_budgets(y, 12, "equal") == {0: 5, 1: 4, 2: 3}
+    assert class_budgets(y, 30, "equal") == {0: 17, 1: 10, 2: 3}
+    assert class_budgets(y, 9, "proportional") == class_budgets(y, 9) == {0: 7, 1: 1, 2: 1}
+    with pytest.raises(InputError, match="one of"):
+        class_budgets(y, 9, "fair")
+    X = np.random.default_rng(0).normal(size=(63, 4))
+    res = select("skmm", X, 12, labels=y, class_budgets="equal")
+    assert np.bincount(y[res.indices], minlength=3).tolist() == [5, 4, 3]

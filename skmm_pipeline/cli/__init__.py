@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sketch-name", default="cli-input", help="parameter name the sketch is derived from")
     s.add_argument("--labels", default=None, help="N labels (.npy), for --class-balanced")
     s.add_argument("--class-balanced", action="store_true", help="split the budget over classes by their sizes")
+    s.add_argument("--class-budgets", choices=["proportional", "equal"], default=None,
+                   help="how --class-balanced splits the budget: proportional to class sizes (default) or equal "
+                   "per class (imbalanced pools); implies --class-balanced")
     s.add_argument("--reference", default=None,
                    help="rows like --input's (.npy) of the data the model will be evaluated on, e.g. a validation "
                    "split: skmm matches their second moment instead of the input's (a pool with shifted deliveries "

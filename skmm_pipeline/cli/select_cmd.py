@@ -54,8 +54,10 @@ def run(args) -> int:
     input_shape = list(X.shape)
     labels = None if args.labels is None else np.asarray(read_npy(args.labels, "--labels", kinds="iu"))
     options = dict(_parse_option(o) for o in args.option)
-    if args.class_balanced:
+    if args.class_balanced or args.class_budgets:
         options["class_balanced"] = True
+    if args.class_budgets:
+        options["class_budgets"] = args.class_budgets
     if args.outlier_guard:
         options["outlier_guard"] = True
     reference = None if args.reference is None else read_npy(args.reference, "--reference")

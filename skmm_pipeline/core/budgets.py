@@ -6,12 +6,22 @@ import numpy as np
 
 from skmm_pipeline.core.validation import InputError
 
-__all__ = ["class_budgets"]
+__all__ = ["BUDGET_RULES", "class_budgets"]
+
+BUDGET_RULES = ("proportional", "equal")
 
 
 def class_budgets(labels: np.ndarray, n: int, given=None) -> dict:
-    """Per-class budgets: given (validated) or proportional to class sizes by largest remainder."""
+    """Per-class budgets: ``given`` as a dict (validated), or by a rule: ``"proportional"`` (the default,
+    ``None``) to class sizes by largest remainder, at least one per class when ``n`` allows; ``"equal"``
+    the same count for every class, a class smaller than its share giving the rest to the others."""
     classes, counts = np.unique(labels, return_counts=True)
+    if isinstance(given, str):
+        if given not in BUDGET_RULES:
+            raise InputError(f"class_budgets must be a dict or one of {BUDGET_RULES}, got {given!r}")
+        if given == "equal":
+            return {c: int(b) for c, b in zip(classes.tolist(), _equal(counts, n))}
+        given = None
     if given is not None:
         if not isinstance(given, dict):
             raise InputError("class_budgets must be a dict {label: count}")
@@ -43,3 +53,22 @@ def class_budgets(labels: np.ndarray, n: int, given=None) -> dict:
         base[j] += 1
         rem[j] -= 1
     return {c: int(b) for c, b in zip(classes.tolist(), base)}
+
+
+def _equal(counts: np.ndarray, n: int) -> np.ndarray:
+    """Water-filling: equal shares, capped by class sizes; the last few go to the classes with most room
+    (ties by label order)."""
+    budgets = np.zeros(counts.size, dtype=np.int64)
+    remaining = int(min(n, counts.sum()))
+    while remaining > 0:
+        room = counts - budgets
+        open_ = np.flatnonzero(room > 0)
+        share = remaining // open_.size
+        if share == 0:
+            order = open_[np.argsort(-room[open_], kind="stable")]
+            budgets[order[:remaining]] += 1
+            break
+        take = np.minimum(share, room[open_])
+        budgets[open_] += take
+        remaining -= int(take.sum())
+    return budgets

@@ -45,6 +45,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from skmm_pipeline.core import selection
+from skmm_pipeline.core.budgets import BUDGET_RULES
 from skmm_pipeline.core.selection import GROUPS, INPUTS, method_info
 from skmm_pipeline.core.sketch_engine import GradientSketcher, SketchConfig
 from skmm_pipeline.core.sketch_io import canonical_identity
@@ -327,11 +328,14 @@ def compare(
     progress: Callable[[str], None] | None = None,
     threads: int | None = 1,
     validation_sketch: Callable[[int], np.ndarray] | None = None,
+    class_budgets: str = "proportional",
 ) -> pd.DataFrame:
     """Run the grid; one row per finetuning mode x spec x budget x seed (see the module doc).
 
     ``validation_sketch``: the validation split's rows for a seed, sketched like the pool; a spec whose
     options say ``reference="validation"`` selects against that moment instead of the pool's.
+    ``class_budgets``: how class-balanced specs split the budget, ``"proportional"`` to class sizes or
+    ``"equal"`` (:func:`core.budgets.class_budgets`).
 
     ``sketch``: the pool's gradient sketch for a seed (a callable, e.g. :class:`SeededSketches`), or one
     array used for every seed; needed when a spec's input is ``"any"``. ``finetune``: ``ft1``, ``ft2``
@@ -373,6 +377,8 @@ def compare(
                 raise InputError("FT-2 needs ft2=FT2Setup(prefix, tail, ...)")
             evaluators[ft] = _FT2(ft2, pool, val, test, ledger)
     sketch_fn = sketch if callable(sketch) or sketch is None else (lambda _seed, _G=sketch: _G)
+    if class_budgets not in BUDGET_RULES:
+        raise InputError(f"class_budgets must be one of {BUDGET_RULES}, got {class_budgets!r}")
     if validation_sketch is None and any(s.options.get("reference") == "validation" for s in specs):
         raise InputError('specs with reference="validation" need validation_sketch=')
     say = progress or (lambda _msg: None)
@@ -380,7 +386,8 @@ def compare(
     rows: list[dict] = []
     t_start = time.perf_counter()
     with _thread_limit(threads):
-        _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch)
+        _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch,
+                  class_budgets)
         if full_pool:
             everything = np.arange(len(pool))
             for ft in modes:
@@ -410,7 +417,8 @@ def _thread_limit(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch) -> None:
+def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, say, t_start, validation_sketch,
+              budget_rule) -> None:
     classes, codes = np.unique(pool.labels, return_inverse=True)
     n_classes = int(classes.size)
     N = len(pool)
@@ -430,6 +438,8 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
             options = dict(spec.options)
             if options.get("reference") == "validation":
                 options["reference"] = reference
+            if spec.class_balanced:
+                options["class_budgets"] = budget_rule
             X = G if spec.input == "any" else pool.features
             for n in budgets:
                 def failed(why, spec=spec, n=n):
