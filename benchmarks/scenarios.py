@@ -43,6 +43,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from skmm_pipeline import evaluation as ev
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.data.digits import Split as DigitsSplit
 from skmm_pipeline.data.digits import curation_pool, jittered_copies, load_digits_transfer
@@ -51,7 +52,7 @@ from skmm_pipeline.evaluation.ridge import ridge_cv_risk
 from skmm_pipeline.models.features import standardized_features
 from skmm_pipeline.models.small_cnn import pretrain
 
-BUDGETS = (10, 20, 40, 80, 160)
+BUDGETS = defaults.BENCHMARK_BUDGETS
 LABEL_FREE = ("skmm", "uniform", "leverage", "adaptive", "herding", "k-center")
 PRETRAIN_THREADS = 2  # the pipeline's thread count on a 2-core machine (the weights depend on it)
 POOL_SEED = 0  # fixes how a scenario's pool is built; the run's seeds fix sketch, selection, training
@@ -209,23 +210,6 @@ def gmm_budgets(k: int, quick: bool) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def paired(df: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """Per n: mean and s.e.m. of the per-seed difference a - b of ``score``, and z = mean / s.e.m."""
-    wide = df[df.method.isin([a, b])].pivot_table(index=["n", "seed"], columns="method", values="score")
-    if a not in wide or b not in wide:
-        return pd.DataFrame(columns=["diff", "sem", "z"])
-    d = (wide[a] - wide[b]).dropna().groupby(level="n")
-    out = pd.DataFrame({"diff": d.mean(), "sem": d.sem()})
-    out["z"] = [_z(m, s) for m, s in zip(out["diff"], out["sem"])]
-    return out
-
-
-def _z(mean: float, sem: float) -> float:
-    if not np.isfinite(sem) or sem <= 1e-12:
-        return 0.0 if abs(mean) <= 1e-12 else float(np.sign(mean) * np.inf)
-    return float(mean / sem)
-
-
 def _means(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["method", "n"])["score"].agg(["mean", "sem"])
 
@@ -236,7 +220,7 @@ def goals(sc: Scenario, df: pd.DataFrame, before: pd.DataFrame | None, method: s
     k = int(df.clusters.iloc[0])
     budgets = sorted(set(df.n))
     limit = 40 if sc.kind == "digits" else budgets[1]
-    vs_uniform = paired(df, method, "uniform")
+    vs_uniform = ev.paired_difference(df, method, "uniform", "score")
     if "beats_uniform" in sc.goals:
         part = vs_uniform[vs_uniform.index <= limit]
         worst = part.z.idxmin()
@@ -252,7 +236,7 @@ def goals(sc: Scenario, df: pd.DataFrame, before: pd.DataFrame | None, method: s
             best = means[n].drop(method).idxmax()
             if means.at[method, n] >= means.at[best, n]:
                 continue
-            p = paired(free[free.n == n], method, best)
+            p = ev.paired_difference(free[free.n == n], method, best, "score")
             zs.append((float(p.z.iloc[0]), n, best))
         worst = min(zs) if zs else (np.inf, "-", "-")
         out["near_best"] = (worst[0] >= -1, "best at every n" if not zs else f"min z {worst[0]:.1f} vs {worst[2]} at n={worst[1]}")
@@ -271,7 +255,7 @@ def goals(sc: Scenario, df: pd.DataFrame, before: pd.DataFrame | None, method: s
         w = min(worst, key=lambda t: min(t[0], t[1]))
         out["growth"] = (ok, f"n={w[2]}: {100 * w[0]:+.1f} vs before - 1 s.e.m., {100 * w[1]:+.1f} vs uniform")
     if "cb_beats_uniform_cb" in sc.goals and (df.method == "skmm-cb").any():
-        p = paired(df, "skmm-cb", "uniform-cb")
+        p = ev.paired_difference(df, "skmm-cb", "uniform-cb", "score")
         part = p[p.index <= limit]
         out["cb_beats_uniform_cb"] = (bool((part.z >= 2).all()), f"min z {part.z.min():.1f} at n={part.z.idxmin()}")
     return out
@@ -292,7 +276,7 @@ def scenario_table(sc: Scenario, df: pd.DataFrame) -> str:
     rows = [head]
     for m in methods:
         ref = "uniform-cb" if m.endswith("-cb") else "uniform"
-        z = paired(df, m, ref) if m != ref else None
+        z = ev.paired_difference(df, m, ref, "score") if m != ref else None
         cells = [m]
         for n in budgets:
             mean, sem = stats.loc[(m, n)] if (m, n) in stats.index else (np.nan, np.nan)

@@ -76,7 +76,7 @@ from skmm_pipeline.evaluation._selection_eval import (
     ft2_evaluator,
     summarize_scores,
 )
-from skmm_pipeline.evaluation._summary import group_baselines, headline_checks, summarize
+from skmm_pipeline.evaluation._summary import group_baselines, headline_checks, paired_difference, summarize
 
 __all__ = [
     "CB_SUFFIX", "COLUMNS", "DEFAULT_ALPHAS", "DEFAULT_CS", "DEFAULT_FT2_GRID", "EXCLUDED_BY_DEFAULT", "FINETUNE_MODES",
@@ -84,7 +84,7 @@ __all__ = [
     "TIMING_COLUMNS", "EvalData", "EvalSplit", "FT2Setup", "FinetuneGrid", "FinetuneResult", "MethodSpec", "Pool",
     "ProbeResult", "SeededSketches", "SelectionEvaluation", "Split", "accuracy_plot", "check_regression_model",
     "check_regression_setup", "check_same_task", "compare", "comparison_subsets", "default_methods", "default_specs",
-    "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "group_baselines", "headline_checks",
+    "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "group_baselines", "headline_checks", "paired_difference",
     "image_markdown", "linear_probe", "load_labelled_pool", "load_pool", "macro_f1", "markdown", "method_table",
     "plot_comparison", "ridge_probe", "rows_markdown", "summarize", "summarize_scores", "summary_markdown",
     "to_json_records", "z_table",

@@ -20,9 +20,11 @@ def group_baselines(df: pd.DataFrame, baseline: str = "uniform") -> dict[str, st
     return out
 
 
-def _paired(df: pd.DataFrame, ft: str, a: str, b: str, metric: str) -> pd.DataFrame:
-    """Per-n paired difference a - b over the seeds where both succeeded: mean, s.e.m., z, pairs."""
-    ok = df[(df.finetune == ft) & (df.status == "ok")]
+def paired_difference(df: pd.DataFrame, a: str, b: str, metric: str = "test_accuracy",
+                      finetune: str | None = None) -> pd.DataFrame:
+    """Per-n paired difference a - b of ``metric`` over the seeds where both succeeded (in one finetuning
+    mode, if given): mean ``diff``, ``diff_sem``, ``z = diff / diff_sem`` and the number of ``pairs``."""
+    ok = df[df.status == "ok"] if finetune is None else df[(df.finetune == finetune) & (df.status == "ok")]
     wide = ok[ok.method.isin([a, b])].pivot_table(index=["n", "seed"], columns="method", values=metric)
     if a not in wide or b not in wide:
         return pd.DataFrame(columns=["diff", "diff_sem", "z", "pairs"])
@@ -66,7 +68,7 @@ def summarize(df: pd.DataFrame, metric: str = "test_accuracy", baseline: str = "
         ref = refs.get(group)
         if not ref or method == ref:
             continue
-        paired = _paired(df, ft, method, ref, metric)
+        paired = paired_difference(df, method, ref, metric, ft)
         mask = (summary.finetune == ft) & (summary.method == method)
         for i in summary.index[mask]:
             n = summary.at[i, "n"]
@@ -99,11 +101,11 @@ def headline_checks(df: pd.DataFrame, finetune: str, method: str, group: str, *,
         best = row.idxmax()
         if best == method or row[best] == row.get(method):
             continue
-        p = _paired(df, finetune, best, method, metric)
+        p = paired_difference(df, best, method, metric, finetune)
         if n not in p.index or not p.loc[n, "diff"] <= p.loc[n, "diff_sem"]:
             lead = float(row[best] - row.get(method, np.nan))
             misses.append(f"n={n}: {best} ahead by {100 * lead:.1f}")
-    p = _paired(df, finetune, method, baseline, metric)
+    p = paired_difference(df, method, baseline, metric, finetune)
     weak = [f"n={n}: z={p.loc[n, 'z']:.1f}" for n in p.index if n <= beat_max_n and not p.loc[n, "z"] >= beat_z]
     weak += [f"n={n}: no pairs" for n in means.index if n <= beat_max_n and n not in p.index]
     below = [f"n={n}: {100 * p.loc[n, 'diff']:+.1f}" for n in p.index if p.loc[n, "diff"] < 0]
