@@ -120,12 +120,28 @@ def format_report(record: dict) -> str:
         "Test accuracy on the digits 5-9 test split:",
         table.to_string(index=False),
         "",
+        *quality_lines(record.get("quality", {})),
         f"subset version (DVC tag): {record['dvc_tag']}   (git show {record['dvc_tag']}; skmm versions list)",
         f"MLflow run: {record['mlflow_run_id']} in {record['mlflow_tracking_uri']}",
     ]
     if "benchmark" in record:
         lines += ["", format_benchmark(record["benchmark"])]
     return "\n".join(lines)
+
+
+def quality_lines(quality: dict) -> list[str]:
+    """The subset against uniform and against the previous version, one line each per finetuning mode
+    (accuracy in points, MAE in its unit; positive is better)."""
+    def amount(r, key):
+        return f"{100 * r[key]:+.1f} points" if r["metric"] == "acc" else f"{r[key]:+.3f} MAE"
+
+    lines = [f"{r['finetune']} vs uniform: {amount(r, 'gain')} (uniform s.e.m. {amount(r, 'uniform_sem')[1:]})"
+             + ("   WARNING: behind uniform by more than one s.e.m." if r["behind"] else "")
+             for r in quality.get("vs_uniform", [])]
+    lines += [f"{r['finetune']} vs previous version {quality['previous_tag']}: {amount(r, 'change')}"
+              + ("   WARNING: behind the previous version" if r["behind"] else "")
+              for r in quality.get("vs_previous", [])]
+    return [*lines, ""] if lines else []
 
 
 def format_benchmark(bench: dict) -> str:

@@ -97,7 +97,16 @@ def test_sensor_waits_for_the_model_then_sketches_only_new_shards(pipeline):
     run_requests(defs, instance, grow)
     assert sketch_counts(instance) == {"digits-000": 1, "digits-001": 1, "digits-002": 1, name: 1}
     assert isinstance(reselect_request(instance), dg.RunRequest)
-    assert defs.resolve_job_def("reselect").execute_in_process(instance=instance).success
+    regrown = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
+    assert regrown.success
+    # The new version is compared with the one before it, and the delivery's share of the picks is checked.
+    checks = {e.check_name: e for e in regrown.get_asset_check_evaluations()}
+    assert {"not_behind_uniform", "not_behind_previous_version", "picks_follow_shard_sizes",
+            "no_duplicate_rows"} <= set(checks)
+    assert checks["not_behind_previous_version"].metadata["previous_version"].value == "subset-v0001"
+    assert name in checks["picks_follow_shard_sizes"].metadata["shares"].value
+    quality = regrown.output_for_node("finetune_eval")["quality"]
+    assert quality["previous_tag"] == "subset-v0001" and [r["finetune"] for r in quality["vs_previous"]] == ["FT-1"]
     store = SubsetStore(str(defs.resources["dvc"].repo_root))
     versions = store.list_versions()
     assert len(versions) == 2 and name in versions[-1].meta["shards"]

@@ -36,7 +36,7 @@ def test_definitions_load_and_selection_parser_works(tmp_path):
     defs = build_definitions(tmp_path)
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "skmm_selection", "subset_version", "finetune_eval",
+    assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "validation_sketch", "skmm_selection", "subset_version", "finetune_eval",
                     "selection_benchmark"}
     for job in ("import_data", "pretrain", "sketch_shard", "reselect", "benchmark"):
         defs.resolve_job_def(job)
@@ -73,6 +73,9 @@ def test_demo_end_to_end_twice(versioned_project, dagster_home):
 
     second = run_demo(project, **TINY)
     assert (first["dvc_tag"], second["dvc_tag"]) == ("subset-v0001", "subset-v0002")
+    # Each version is compared with the one before: the same seed and data give no change.
+    assert first["quality"]["vs_previous"] == [] and second["quality"]["previous_tag"] == "subset-v0001"
+    assert [(r["change"], r["behind"]) for r in second["quality"]["vs_previous"]] == [(0.0, False)]
 
     # Same seed, same sketch and same subset; the user's branch never receives a commit.
     assert all(np.array_equal(a, np.load(p)) for a, p in zip(sketches_v1, sketch_files))
@@ -277,3 +280,47 @@ def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project
         again = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
         assert again.success and again.output_for_node("skmm_selection")["sample_ids"] == sel["sample_ids"]
         np.load(cache[0])
+
+
+def test_selection_matches_the_validation_moment_unless_told_the_pool(project):
+    """By default skmm_selection matches the validation split's sketched moment (validation_sketch, made by
+    the pool's sketcher and reused while its identity and content stay); reference='pool' matches the pool's.
+    Both equal the library's select on the same rows; a validation sketch of another identity is refused."""
+    from skmm_pipeline.core.errors import SketchMismatchError
+    from skmm_pipeline.core.selection import select
+    from skmm_pipeline.core.sketch_io import read_sketch_shard
+    from skmm_pipeline.data.digits import write_digits_shards
+    from skmm_pipeline.data.pool import load_sketches, reference_rows
+    from skmm_pipeline.evaluation import EvalData
+
+    config = dict(budget=12, pretrain_epochs=1, sketch_dim=24, seed=5)
+    defs = build_definitions(project, settings=SkmmSettings(**config))
+    names = write_digits_shards(defs.resources["workspace"].landing)
+    only = [dg.AssetKey("validation_sketch"), dg.AssetKey("skmm_selection")]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, names)
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        sketches = {}
+        for name in names:
+            run = defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=name)
+            sketches[name] = run.output_for_node("gradient_sketch")
+        reselect = defs.resolve_job_def("reselect")
+        first = reselect.execute_in_process(instance=instance, asset_selection=only)
+        val, sel = first.output_for_node("validation_sketch"), first.output_for_node("skmm_selection")
+        again = reselect.execute_in_process(instance=instance, asset_selection=only)
+        meta = instance.get_latest_materialization_event(dg.AssetKey("validation_sketch")).asset_materialization.metadata
+        assert meta["reused"].value is True
+        assert again.output_for_node("skmm_selection")["sample_ids"] == sel["sample_ids"]
+        pool_defs = build_definitions(project, settings=SkmmSettings(**config, reference="pool"))
+        pooled = pool_defs.resolve_job_def("reselect").execute_in_process(instance=instance, asset_selection=only)
+        by_pool = pooled.output_for_node("skmm_selection")
+    G, ids, identity = load_sketches(sketches)
+    R = np.asarray(read_sketch_shard(val["path"], identity).rows)
+    assert val["rows"] == len(R) == len(EvalData(project / ".skmm" / "eval").val.images)
+    assert sel["reference"] == "validation" and by_pool["reference"] == "pool"
+    assert sel["sample_ids"] == [ids[i] for i in select("skmm", G, 12, seed=5, reference=R).indices]
+    assert by_pool["sample_ids"] == [ids[i] for i in select("skmm", G, 12, seed=5).indices]
+    assert sel["sample_ids"] != by_pool["sample_ids"]
+    assert reference_rows(val, identity, "uniform") is None  # a method without a reference option ignores it
+    with pytest.raises(SketchMismatchError, match="validation sketch does not match"):
+        reference_rows(val, {**identity, "seed": 99}, "skmm")

@@ -15,6 +15,7 @@ import numpy as np
 from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
+from skmm_pipeline.core.selection import method_options
 from skmm_pipeline.core.sketch_io import canonical_identity, load_sketch_shards, read_sketch_shard
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.shards import Shard, ShardError, file_sha256, file_signature, read_shard
@@ -130,3 +131,17 @@ def class_counts(sample_ids: Iterable[str], shard_paths: Mapping[str, Path]) -> 
         for c in labels[chosen.get(shard, [])]:
             subset_counts[int(c)] = subset_counts.get(int(c), 0) + 1
     return pool_counts, subset_counts, None
+
+
+def reference_rows(validation_sketch: dict, identity: dict, method: str):
+    """The validation split's sketch rows when the selection matches the validation moment (else ``None``:
+    settings.reference 'pool', or a method without a reference option); refused when they were made
+    with another sketch identity than the pool's."""
+    if validation_sketch.get("reference") != "validation" or "reference" not in method_options(method):
+        return None
+    try:
+        return read_sketch_shard(validation_sketch["path"], identity).rows
+    except InputError as exc:
+        raise SketchMismatchError(f"the validation sketch does not match the pool's sketches ({exc}): "
+                                  "re-materialize gradient_sketch for all shards and validation_sketch with the "
+                                  "same settings") from None

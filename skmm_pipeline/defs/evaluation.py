@@ -5,7 +5,14 @@ import dagster as dg
 
 from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
-from skmm_pipeline.evaluation import evaluate_selection, image_markdown, rows_markdown
+from skmm_pipeline.evaluation import (
+    comparable,
+    evaluate_selection,
+    image_markdown,
+    rows_markdown,
+    versus_previous,
+    versus_uniform,
+)
 from skmm_pipeline.tracking.mlflow_store import run_tags
 
 
@@ -32,6 +39,13 @@ def finetune_eval(
         finetune_mode=settings.finetune_mode, seed=settings.seed, uniform_repeats=settings.uniform_repeats,
         label_mode=settings.label_mode, backbone=settings.backbone)
     task, rows, metrics, plot = result.task, result.rows, result.metrics, result.plot
+    summary = {"n": result.n, "finetune": settings.finetune_mode, "eval_source": result.eval_source, "task": task}
+    previous = previous_evaluation(context)
+    quality = {
+        "vs_uniform": versus_uniform(metrics, task),
+        "vs_previous": versus_previous(metrics, previous["metrics"], task) if comparable(summary, previous) else [],
+        "previous_tag": previous.get("dvc_tag"),
+    }
     params = {
         "method": result.method, "budget": result.n, "seed": settings.seed, "pool_size": result.pool_size,
         "sketch_kind": settings.sketch_kind, "sketch_dim": settings.sketch_dim, "label_mode": settings.label_mode,
@@ -58,6 +72,8 @@ def finetune_eval(
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": mlflow.tracking_uri,
         "dvc_tag": subset_version["tag"],
+        "summary": summary,
+        "quality": quality,
     }
     if task == "regression":
         record["task"] = task
@@ -70,6 +86,51 @@ def finetune_eval(
             "mlflow_run_id": run.run_id,
             "mlflow_tracking_uri": mlflow.tracking_uri,
             "dvc_tag": subset_version["tag"],
+            "summary": dg.MetadataValue.json(summary),
+            "vs_uniform": dg.MetadataValue.md(rows_markdown(quality["vs_uniform"])),
+            "vs_previous": dg.MetadataValue.md(rows_markdown(quality["vs_previous"])
+                                               or "no previous evaluation of the same budget, mode and splits"),
             **({"task": task} if task == "regression" else {}),
         },
+    )
+
+
+def previous_evaluation(context: dg.AssetExecutionContext) -> dict:
+    """The last ``finetune_eval`` before this one: ``{"metrics", "dvc_tag", **summary}``, or ``{}``."""
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    if event is None or event.asset_materialization is None:
+        return {}
+    meta = event.asset_materialization.metadata
+    if "summary" not in meta:
+        return {}
+    metrics = {k: v.value for k, v in meta.items() if isinstance(v, dg.FloatMetadataValue)}
+    tag = meta["dvc_tag"].value if "dvc_tag" in meta else None
+    return {**meta["summary"].value, "metrics": metrics, "dvc_tag": tag}
+
+
+@dg.asset_check(
+    asset=finetune_eval,
+    description="The subset is not behind the uniform subsets of its size: warns when its score is worse than "
+    "their mean by more than one s.e.m. (each finetuning mode).",
+)
+def not_behind_uniform(finetune_eval: dict) -> dg.AssetCheckResult:
+    rows = finetune_eval.get("quality", {}).get("vs_uniform", [])
+    return dg.AssetCheckResult(
+        passed=not any(r["behind"] for r in rows), severity=dg.AssetCheckSeverity.WARN,
+        metadata={"vs_uniform": dg.MetadataValue.md(rows_markdown(rows) or "no uniform baseline")},
+    )
+
+
+@dg.asset_check(
+    asset=finetune_eval,
+    description="The subset is not behind the previous version (same budget, mode and splits): warns when accuracy "
+    "fell by more than 2 points (MAE rose by more than 2%).",
+)
+def not_behind_previous_version(finetune_eval: dict) -> dg.AssetCheckResult:
+    quality = finetune_eval.get("quality", {})
+    rows = quality.get("vs_previous", [])
+    return dg.AssetCheckResult(
+        passed=not any(r["behind"] for r in rows), severity=dg.AssetCheckSeverity.WARN,
+        metadata={"previous_version": str(quality.get("previous_tag")),
+                  "vs_previous": dg.MetadataValue.md(rows_markdown(rows) or "nothing comparable before")},
     )

@@ -58,6 +58,10 @@ class SkmmSettings(dg.ConfigurableResource):
     loader_workers: int = -1
     sketch_block_rows: int = 0
     pretrain_epochs: int = 40
+    # The second moment the selection matches: "validation" (the validation split sketched like the pool,
+    # validation_sketch: the data the model is evaluated on; measured on benchmarks/scenarios.py) or
+    # "pool" (the pool's own, the paper's default). Methods without a reference option ignore it.
+    reference: str = "validation"
     uniform_repeats: int = 5
     min_moment_ratio: float = 0.1
     # Set aside samples that stick out of the pool in the sketch (core.outliers) before selecting, and

@@ -7,11 +7,12 @@ import dagster as dg
 import numpy as np
 
 from skmm_pipeline.core.hashing import fingerprint_of, json_hash
-from skmm_pipeline.core.selection import select
+from skmm_pipeline.core.selection import duplicate_rows, select
 from skmm_pipeline.data.pool import (
     class_counts,
     load_sketches,
     picked_per_shard,
+    reference_rows,
     single_identity,
     sketch_identities,
     unknown_ids,
@@ -19,18 +20,22 @@ from skmm_pipeline.data.pool import (
 )
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
+from skmm_pipeline.evaluation import rows_markdown, shard_shares
 
 
 @dg.asset(
     group_name="skmm",
     code_version="2",
     kinds={"numpy"},
-    description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch.",
+    description="SkMM over all shards: the budget-n subset whose second moment best covers, in the sketch, the "
+    "validation split's (settings.reference 'validation', the default) or the pool's ('pool').",
 )
 def skmm_selection(
-    context: dg.AssetExecutionContext, gradient_sketch: dict, settings: SkmmSettings, workspace: Workspace
+    context: dg.AssetExecutionContext, gradient_sketch: dict, validation_sketch: dict, settings: SkmmSettings,
+    workspace: Workspace,
 ) -> dg.Output[dict]:
     G, ids, identity = load_sketches(gradient_sketch)
+    reference = reference_rows(validation_sketch, identity, settings.method)
     guard = {}
     if settings.outlier_guard:
         guard["outlier_guard"] = True
@@ -38,7 +43,10 @@ def skmm_selection(
             files = {name: (workspace.shard_path(name), rec["shard_sha256"]) for name, rec in gradient_sketch.items()}
             guard["exclude"] = unstructured_rows(workspace.artifacts / "input_structure", files, len(ids),
                                                  settings.structure_threshold)
+    if reference is not None:
+        guard["reference"] = reference
     result = select(settings.method, G, settings.budget, seed=settings.seed, **guard)
+    result.diagnostics["selected_duplicates"] = duplicate_rows(G[np.sort(result.indices)])
     chosen = [ids[i] for i in result.indices]
     shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
     fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
@@ -53,6 +61,7 @@ def skmm_selection(
         "shards": shards,
         "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
         "sketch_fingerprint": fingerprint,
+        "reference": "pool" if reference is None else "validation",
         "diagnostics": result.diagnostics,
     }
     per_shard = picked_per_shard(chosen, shards)
@@ -63,6 +72,8 @@ def skmm_selection(
             "n": len(chosen),
             "pool_size": len(ids),
             "method": settings.method,
+            "reference": record["reference"],
+            "duplicate_rows": int(result.diagnostics["duplicate_rows"]),
             "moment_ratio": float(result.diagnostics["moment_ratio"]),
             "select_seconds": float(result.diagnostics["select_seconds"]),
             "outliers_excluded": int(result.diagnostics.get("outliers_excluded", 0)),
@@ -139,4 +150,33 @@ def class_coverage(skmm_selection: dict, workspace: Workspace) -> dg.AssetCheckR
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"classes_missing": dg.MetadataValue.json(missing), "coverage": dg.MetadataValue.md(table)},
+    )
+
+
+@dg.asset_check(
+    asset=skmm_selection,
+    description="No shard is picked far beyond its share of the pool: warns when a shard's picks exceed its share "
+    "of rows by more than 3 binomial standard deviations (e.g. a shifted or duplicated delivery pulling the subset).",
+)
+def picks_follow_shard_sizes(skmm_selection: dict) -> dg.AssetCheckResult:
+    rows = shard_shares(picked_per_shard(skmm_selection["sample_ids"], skmm_selection["shards"]),
+                        skmm_selection["shard_rows"])
+    over = [r["shard"] for r in rows if r["over_picked"]]
+    return dg.AssetCheckResult(
+        passed=not over, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"over_picked": dg.MetadataValue.json(over), "shares": dg.MetadataValue.md(rows_markdown(rows))},
+    )
+
+
+@dg.asset_check(
+    asset=skmm_selection,
+    description="The pool's sketch has no exactly repeated rows (the same image delivered twice): warns with how "
+    "many, and how many of the picks repeat one another.",
+)
+def no_duplicate_rows(skmm_selection: dict) -> dg.AssetCheckResult:
+    diagnostics = skmm_selection["diagnostics"]
+    pool, picked = int(diagnostics.get("duplicate_rows", 0)), int(diagnostics.get("selected_duplicates", 0))
+    return dg.AssetCheckResult(
+        passed=pool == 0, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"duplicate_rows": pool, "selected_duplicates": picked},
     )

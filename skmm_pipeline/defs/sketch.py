@@ -1,5 +1,6 @@
-"""Sketching: the pretrained model (``pretrained_model``) and each shard's gradient sketch
-(``gradient_sketch[p]``), made by the run's one sketcher configured by the settings."""
+"""Sketching: the pretrained model (``pretrained_model``), each shard's gradient sketch
+(``gradient_sketch[p]``) and the validation split's (``validation_sketch``, the moment the selection
+matches), all made by the run's one sketcher configured by the settings."""
 
 import time
 from pathlib import Path
@@ -7,11 +8,12 @@ from pathlib import Path
 import dagster as dg
 
 from skmm_pipeline.core.atomic import atomic_write_bytes
+from skmm_pipeline.core.errors import ConfigError, InputError
 from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.core.gradients import resolve_layers
 from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.sketch_engine import SketchConfig, calibrate_block_scales, resolve_device
-from skmm_pipeline.core.sketch_io import SketchShardWriter, identity_hash
+from skmm_pipeline.core.sketch_io import SketchShardWriter, identity_hash, read_sketch_shard
 from skmm_pipeline.data.digits import load_digits_transfer
 from skmm_pipeline.data.loader import sketch_shard
 from skmm_pipeline.data.pool import read_unchanged_shard
@@ -69,6 +71,14 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
                                   seed=settings.seed, device=device)
 
 
+def write_sketch(stem: Path, sketcher, shard, settings: SkmmSettings) -> None:
+    """Stream ``shard``'s sketch rows into the sketch file at ``stem`` (committed with the sketcher's identity)."""
+    with SketchShardWriter(stem, sketcher.identity, shard.ids, settings.sketch_dim) as writer:
+        sketch_shard(sketcher, shard, writer.rows, batch_size=settings.batch_size, labels=settings.label_mode == "true",
+                     workers=None if settings.loader_workers < 0 else settings.loader_workers)
+        kill_point("sketch_rows")
+
+
 def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id: str, device):
     """The run's one :class:`GradientSketcher`, configured by the settings."""
     config = SketchConfig(
@@ -102,10 +112,7 @@ def gradient_sketch(
     t0 = time.perf_counter()
     stem = workspace.artifacts / "sketches" / identity_hash(identity) / shard.name
     kill_point("gradient_sketch")
-    with SketchShardWriter(stem, identity, shard.ids, settings.sketch_dim) as writer:
-        sketch_shard(sketcher, shard, writer.rows, batch_size=settings.batch_size, labels=settings.label_mode == "true",
-                     workers=None if settings.loader_workers < 0 else settings.loader_workers)
-        kill_point("sketch_rows")
+    write_sketch(stem, sketcher, shard, settings)
     seconds = time.perf_counter() - t0
     version = json_hash([identity, raw_shard["sha256"]])
     rows = len(shard.ids)
@@ -134,4 +141,42 @@ def gradient_sketch(
             "samples_per_second": rows / max(seconds, 1e-9),
             "path": dg.MetadataValue.path(str(stem)),
         },
+    )
+
+
+@dg.asset(
+    group_name="skmm",
+    code_version="1",
+    kinds={"pytorch"},
+    description="The validation split sketched like the pool (same model, map and seed): the second moment "
+    "skmm_selection matches when settings.reference is 'validation' (the default), so the subset covers the "
+    "data the model is evaluated on rather than whatever the pool holds. Cached per sketch identity and split content.",
+)
+def validation_sketch(
+    context: dg.AssetExecutionContext, pretrained_model: dict, settings: SkmmSettings, workspace: Workspace
+) -> dg.Output[dict]:
+    if settings.reference not in ("validation", "pool"):
+        raise ConfigError(f"settings.reference must be 'validation' or 'pool', got {settings.reference!r}")
+    if settings.reference == "pool":
+        return dg.Output({"reference": "pool"}, data_version=dg.DataVersion("pool"), metadata={"reference": "pool"})
+    device = resolve_device(settings.device)
+    model = load_backbone(Path(pretrained_model["path"]), device)
+    evaluation = EvalData(workspace.evaluation)
+    shard = evaluation.as_shard("val")
+    sketcher = make_sketcher(model, settings, workspace, pretrained_model["model_id"], device).prepare(shard.images)
+    content = evaluation.content_id("val")
+    stem = workspace.artifacts / "reference_sketches" / identity_hash(sketcher.identity) / f"val-{content[:16]}"
+    try:
+        read_sketch_shard(stem, sketcher.identity)
+        reused = True
+    except InputError:  # none yet, or an incomplete one: (re)write it
+        write_sketch(stem, sketcher, shard, settings)
+        reused = False
+    record = {"reference": "validation", "path": str(stem), "identity": sketcher.identity, "rows": len(shard.ids),
+              "split": evaluation.source, "content_sha256": content}
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(json_hash([sketcher.identity, content])),
+        metadata={"reference": "validation", "rows": len(shard.ids), "source": evaluation.source, "reused": reused,
+                  "path": dg.MetadataValue.path(str(stem))},
     )

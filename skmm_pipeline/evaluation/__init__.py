@@ -10,7 +10,9 @@
 * The pipeline's evaluation of one selection: :class:`EvalData` (validation and test splits) and
   :func:`load_pool` (the registered pool and its model, a :class:`Pool`) in ``_data``;
   :func:`evaluate_selection` finetunes on the selection, on uniform subsets of its size and on the
-  full pool, and summarises (``_selection_eval``).
+  full pool, and summarises (``_selection_eval``); :func:`versus_uniform`, :func:`versus_previous` and
+  :func:`shard_shares` tell whether it fell behind uniform, the previous version or the pool's shard mix
+  (``_quality``).
 """
 
 from skmm_pipeline.evaluation._comparison import (
@@ -56,6 +58,7 @@ from skmm_pipeline.evaluation._finetune import (
     macro_f1,
     ridge_probe,
 )
+from skmm_pipeline.evaluation._quality import comparable, shard_shares, versus_previous, versus_uniform
 from skmm_pipeline.evaluation._report import (
     image_markdown,
     markdown,
@@ -87,5 +90,5 @@ __all__ = [
     "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "group_baselines", "headline_checks", "paired_difference",
     "image_markdown", "linear_probe", "load_labelled_pool", "load_pool", "macro_f1", "markdown", "method_table",
     "plot_comparison", "ridge_probe", "rows_markdown", "summarize", "summarize_scores", "summary_markdown",
-    "to_json_records", "z_table",
+    "to_json_records", "z_table", "comparable", "shard_shares", "versus_previous", "versus_uniform",
 ]

@@ -8,6 +8,7 @@ carries (labels: classification, targets: regression) and refuse mixtures, namin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +21,7 @@ from skmm_pipeline.core.device_blocks import resolve_device
 from skmm_pipeline.core.errors import DataError
 from skmm_pipeline.data.contract import CARRIES
 from skmm_pipeline.data.digits import load_digits_transfer
-from skmm_pipeline.data.shards import read_shard
+from skmm_pipeline.data.shards import Shard, file_sha256, read_shard
 from skmm_pipeline.models.backbones import load_backbone
 
 
@@ -64,6 +65,20 @@ class EvalData:
     def ids(self, split: str) -> list[str]:
         n = len(getattr(self, split).images)
         return [f"{split}/{i}" for i in range(n)]
+
+    def as_shard(self, split: str) -> Shard:
+        """The split as a :class:`Shard` named ``split`` (ids ``split/i``), e.g. to sketch it like a pool shard."""
+        s = getattr(self, split)
+        return Shard(split, s.images, getattr(s, "labels", None), getattr(s, "targets", None))
+
+    def content_id(self, split: str) -> str:
+        """The split's content hash: its file's sha256, or the embedded arrays' for the embedded splits."""
+        if split in self.files:
+            return file_sha256(self.files[split])
+        s, h = getattr(self, split), hashlib.sha256()
+        for arr in (s.images, s.labels):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
 
     def y(self, split: str) -> np.ndarray:
         """The split's labels (classification) or targets (regression)."""
