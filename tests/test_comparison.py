@@ -212,14 +212,16 @@ def test_selection_benchmark_asset(project, tmp_path):
     plot = meta["plot"].value
     assert plot.startswith("![selection benchmark](data:image/png;base64,")
     assert base64.b64decode(plot.split(",", 1)[1].rstrip(")"))[:4] == b"\x89PNG"
-    assert meta["seeds"].value == [0, 1] and meta["methods"].value == ["skmm", "uniform", "skmm-cb", "uniform-cb"]
+    assert meta["seeds"].value == [0, 1] and meta["methods"].value == ["skmm", "skmm-val", "uniform", "skmm-cb", "uniform-cb"]
     assert meta["sketched_in_process"].value == [1]  # seed 0 is the stored sketch
+    # The pipeline's default (the validation split's moment) runs next to skmm on the pool's moment.
+    assert "| skmm-val |" in table
     # Budget 3 < 5 classes: the class-balanced runs fail, recorded, and the asset still succeeds.
-    assert meta["runs"].value == 4 * 2 * 2 * 2 and meta["failed_runs"].value == 2 * 2 * 2
+    assert meta["runs"].value == 5 * 2 * 2 * 2 and meta["failed_runs"].value == 2 * 2 * 2
     assert set(meta["failures"].value) == {"skmm-cb n=3", "uniform-cb n=3"}
     summary = pd.DataFrame(record["summary"])
     ok = summary[summary.seeds == 2]
-    assert len(ok) == 2 * 6 and ok["mean"].between(0.2, 1).all()
+    assert len(ok) == 2 * 8 and ok["mean"].between(0.2, 1).all()
     assert "label-using" in format_benchmark(record)
 
     # MLflow: a finished run with the parameters, per-method metrics and the artifacts.
@@ -233,8 +235,8 @@ def test_selection_benchmark_asset(project, tmp_path):
     assert artifacts == {"benchmark/results.csv", "benchmark/summary.csv", "benchmark/summary.md"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/selection_benchmark.png"]
     rows = pd.read_csv(client.download_artifacts(run.info.run_id, "benchmark/results.csv", str(tmp_path)))
-    assert len(rows) == 32 and set(rows.group) == {"label-free", "label-using"}
-    assert set(rows[rows.finetune == "FT-2"].status) == {"ok", "failed"} and rows.lr.notna().sum() == 12
+    assert len(rows) == 40 and set(rows.group) == {"label-free", "label-using"}
+    assert set(rows[rows.finetune == "FT-2"].status) == {"ok", "failed"} and rows.lr.notna().sum() == 16
 
     # Re-sketching with the stored sketch's settings is checked against the stored rows.
     G, ids, identity = load_sketches(sketch_records)

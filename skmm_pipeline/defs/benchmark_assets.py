@@ -127,6 +127,11 @@ def selection_benchmark(
     test = cmp.Split.of("test", test_f, ev.test.labels, ev.test.images, ids=ev.ids("test"))
     sketches = cmp.SeededSketches.from_identity(model, images, identity, G, labels=labels, sample_ids=ids, device=device)
     specs = cmp.default_specs(list(config.methods) or None, class_balanced=config.class_balanced_group)
+    # The pipeline's default matches the validation split's moment: compared next to skmm on the pool's.
+    val_sketches = cmp.SeededSketches(model, ev.val.images, labels=ev.val.labels, **sketches.kwargs)
+    if settings.reference == "validation" and any(s.label == "skmm" for s in specs):
+        at = next(i for i, s in enumerate(specs) if s.label == "skmm") + 1
+        specs.insert(at, cmp.MethodSpec("skmm", options={"reference": "validation"}, label="skmm-val"))
     seeds = [settings.seed + k for k in range(config.seeds)]
     ft2 = None
     if config.finetune != "ft1":
@@ -135,7 +140,8 @@ def selection_benchmark(
     context.log.info(f"selection_benchmark: {len(specs)} methods x {len(config.budgets)} budgets x {len(seeds)} seeds "
                      f"({config.finetune}) on a pool of {len(ids)}")
     df = cmp.compare(pool, val, test, specs, config.budgets, seeds, sketch=sketches, finetune=config.finetune, ft2=ft2,
-                     full_pool=config.full_pool, progress=context.log.info, threads=config.cpu_threads or None)
+                     full_pool=config.full_pool, progress=context.log.info, threads=config.cpu_threads or None,
+                     validation_sketch=val_sketches)
     summary = cmp.summarize(df)
     f1 = cmp.summarize(df, metric="macro_f1")
     plot = cmp.plot_comparison(summary)
