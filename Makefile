@@ -17,6 +17,7 @@ install: $(VENV)/.installed
 
 # pip on these machines also consults local wheel folders; their "location ignored" notices are noise.
 $(VENV)/.installed: pyproject.toml
+	@echo "[make] installing into $(VENV) (first run only; about 3 minutes, more on a busy machine)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $@

@@ -15,6 +15,7 @@ import pandas as pd
 from skmm_pipeline import evaluation as cmp
 from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import SetupError
+from skmm_pipeline.core.progress import progress_to
 from skmm_pipeline.core.validation import check_budget
 from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
 from skmm_pipeline.definitions import build_definitions
@@ -55,7 +56,13 @@ def run_demo(
 
     ``benchmark``: then also run the ``benchmark`` job (``selection_benchmark``, run config
     ``benchmark_config``, e.g. ``{"seeds": 3}``); its record is returned under ``"benchmark"``.
+    ``log`` receives what happens, including the long steps' progress lines (``core.progress``).
     """
+    with progress_to(lambda line: log(f"[skmm]   {line}")):
+        return _run_demo(root, budget, seed, n_shards, pretrain_epochs, finetune_mode, log, benchmark, benchmark_config)
+
+
+def _run_demo(root, budget, seed, n_shards, pretrain_epochs, finetune_mode, log, benchmark, benchmark_config) -> dict:
     dagster_home()
     root = Path(root).resolve()
     # Fail before any work if the budget cannot be met by the pool.

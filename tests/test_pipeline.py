@@ -64,7 +64,11 @@ def test_demo_end_to_end_twice(versioned_project, dagster_home):
     project, remote = versioned_project
     head_before = git(project, "rev-parse", "HEAD")
 
-    first = run_demo(project, **TINY)
+    lines = []
+    first = run_demo(project, **{**TINY, "log": lines.append})
+    # The long steps report their progress to the demo's log.
+    assert any("pretraining the small CNN: 2/2 epochs (100%)" in line for line in lines), lines
+    assert any("sketching digits-000:" in line and "(100%)" in line for line in lines), lines
     manifest_v1 = (project / "data" / "manifest.json").read_bytes()
     subset_v1 = (project / "data" / "subset.csv").read_text()
     sketch_files = sorted((project / ".skmm" / "artifacts" / "sketches").rglob("*.rows.npy"))

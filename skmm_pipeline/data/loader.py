@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from skmm_pipeline.core.progress import Progress
 from skmm_pipeline.core.sketch_engine import GradientSketcher
 from skmm_pipeline.core.validation import InputError, check_int
 from skmm_pipeline.data.shards import Shard
@@ -99,4 +100,12 @@ def sketch_shard(sketcher: GradientSketcher, shard: Shard, out: np.ndarray | Non
     memory map) as each block completes; equal to ``sketcher.sketch(shard.images, ...)``."""
     sketcher.prepare(shard.images)
     batches = shard_batches(shard, batch_size, sketcher.device, labels=labels, workers=workers)
-    return sketcher.sketch_into(batches, len(shard.images), out)
+    return sketcher.sketch_into(_counted(batches, Progress(f"sketching {shard.name}", len(shard.images), "rows")),
+                                len(shard.images), out)
+
+
+def _counted(batches, progress: Progress):
+    """The batches unchanged, reporting the rows handed to the sketcher."""
+    for batch in batches:
+        yield batch
+        progress.advance(len(batch[2]))

@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 
 from skmm_pipeline.core import selection
 from skmm_pipeline.core.budgets import BUDGET_RULES
+from skmm_pipeline.core.progress import Progress
 from skmm_pipeline.core.selection import GROUPS, INPUTS, method_info
 from skmm_pipeline.core.sketch_engine import GradientSketcher, SketchConfig
 from skmm_pipeline.core.sketch_io import canonical_identity
@@ -422,6 +423,7 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
     classes, codes = np.unique(pool.labels, return_inverse=True)
     n_classes = int(classes.size)
     N = len(pool)
+    progress = Progress("comparison runs", len(seeds) * len(specs) * len(budgets) * len(modes), "runs")
     for k, seed in enumerate(seeds):
         G, sketch_error = None, None
         if sketch_fn is not None and any(s.input == "any" for s in specs):
@@ -442,6 +444,8 @@ def _run_grid(rows, pool, specs, budgets, seeds, modes, evaluators, sketch_fn, s
                 options["class_budgets"] = budget_rule
             X = G if spec.input == "any" else pool.features
             for n in budgets:
+                progress.advance(len(modes))  # runs begun, failed ones included
+
                 def failed(why, spec=spec, n=n):
                     rows.extend(_row(spec, ft, n, seed, status="failed", reason=why) for ft in modes)
 

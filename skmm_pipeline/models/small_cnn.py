@@ -12,6 +12,7 @@ from torch import nn
 
 from skmm_pipeline.core.errors import BackboneWeightsError, InputError
 from skmm_pipeline.core.gradients import gradient_dim, head_gradient_rows
+from skmm_pipeline.core.progress import Progress
 from skmm_pipeline.core.sketch import Sketch
 from skmm_pipeline.core.validation import check_int
 
@@ -70,6 +71,7 @@ def pretrain(
     threads: int | None = None,
 ) -> SmallCNN:
     """Train the CNN on the source task; deterministic for a seed, a device and a CPU thread count.
+    Reports epochs done (``core.progress``).
 
     The weights depend on torch's CPU thread count (reductions split differently): ``threads`` fixes it
     for the training and restores the global setting after; ``None`` trains with the current one.
@@ -88,7 +90,8 @@ def pretrain(
     X = torch.as_tensor(images)
     y = torch.as_tensor(labels)
     model.train()
-    for _ in range(epochs):
+    progress = Progress("pretraining the small CNN", epochs, "epochs")
+    for epoch in range(epochs):
         perm = torch.randperm(len(X), generator=gen)
         for start in range(0, len(X), batch_size):
             b = perm[start : start + batch_size]
@@ -97,6 +100,7 @@ def pretrain(
             opt.zero_grad()
             loss.backward()
             opt.step()
+        progress.update(epoch + 1)
     return model.eval()
 
 
