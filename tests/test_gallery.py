@@ -83,7 +83,7 @@ def test_result_plots_render():
     rows = [{"finetune": "FT-1", "method": "skmm", "n": 10, "test_accuracy": 0.81, "sem": 0.0},
             {"finetune": "FT-1", "method": "uniform (x5)", "n": 10, "test_accuracy": 0.77, "sem": 0.014},
             {"finetune": "FT-1", "method": "full pool", "n": 537, "test_accuracy": 0.94, "sem": 0.0}]
-    assert png_size(accuracy_plot(rows))[0] >= 700
+    assert png_size(accuracy_plot(rows))[0] >= 450
     history = [{"tag": "subset-v0001", "method": "skmm", "n": 10, "pool_size": 537, "selected": 0.8,
                 "uniform": 0.78, "uniform_sem": 0.01},
                {"tag": "subset-v0002", "method": "skmm", "n": 12, "pool_size": 600, "selected": None,

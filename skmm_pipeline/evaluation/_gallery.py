@@ -90,8 +90,11 @@ def subset_grid(sample_ids: Sequence[str], shard_paths: Mapping[str, Path], *, t
     shard_order = list(dict.fromkeys(sorted(shards)))
     cmap = plt.get_cmap("tab10")
     colour = {s: cmap(k % 10) for k, s in enumerate(shard_order)}
-    fig, axes = plt.subplots(len(layout), cols, squeeze=False, dpi=100,
-                             figsize=(TILE_INCHES * cols + 0.4, TILE_INCHES * 1.25 * len(layout) + 0.9))
+    width = TILE_INCHES * cols + 0.4
+    per_line = max(1, min(len(shard_order), int(width / 1.3)))  # legend entries that fit across
+    legend_inches = 0.35 + 0.2 * -(-len(shard_order) // per_line)
+    height = TILE_INCHES * 1.25 * len(layout) + 0.4 + legend_inches
+    fig, axes = plt.subplots(len(layout), cols, squeeze=False, dpi=100, figsize=(width, height))
     for r, (head, positions) in enumerate(layout):
         for c in range(cols):
             ax = axes[r][c]
@@ -109,10 +112,10 @@ def subset_grid(sample_ids: Sequence[str], shard_paths: Mapping[str, Path], *, t
         if head:
             axes[r][0].set_title(head, fontsize=9, loc="left", fontweight="bold")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour[s]) for s in shard_order]
-    fig.legend(handles, shard_order, loc="lower center", ncol=min(len(shard_order), 5), fontsize=8,
-               frameon=False, title="shard", title_fontsize=8)
+    fig.legend(handles, shard_order, loc="lower center", ncol=per_line, fontsize=8, frameon=False,
+               title="shard", title_fontsize=8)
     fig.suptitle(title or f"selected subset: {len(sample_ids)} samples", fontsize=11)
-    fig.tight_layout(rect=(0, 0.9 / (TILE_INCHES * 1.25 * len(layout) + 0.9), 1, 1))
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     return render_png(fig, tight=False)
 
 

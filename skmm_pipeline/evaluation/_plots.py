@@ -33,7 +33,8 @@ def accuracy_plot(rows: list[dict], metric: str = "test_accuracy") -> bytes:
     percent = metric == "test_accuracy"
     scale = 100.0 if percent else 1.0
     modes = list(dict.fromkeys(r["finetune"] for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(7.5, 1.0 + 1.6 * len(modes)), dpi=100, squeeze=False)
+    # About 500 px wide: what a metadata value's column of the Dagster UI shows on a 1600 px screen.
+    fig, axes = plt.subplots(len(modes), 1, figsize=(5.0, 1.0 + 1.6 * len(modes)), dpi=100, squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         mine = [r for r in rows if r["finetune"] == mode]
         labels = [f"{r['method']}  (n={r['n']})" for r in mine][::-1]
@@ -44,7 +45,7 @@ def accuracy_plot(rows: list[dict], metric: str = "test_accuracy") -> bytes:
             ax.errorbar(v, y, xerr=e or None, fmt="o", color=c, markersize=8, capsize=5, elinewidth=2)
             text = f"{v:.1f}" + (f" ± {e:.1f}" if e else "") if percent else f"{v:.3g}" + (f" ± {e:.2g}" if e else "")
             ax.annotate(text, (v, y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=10)
-        ax.set_yticks(range(len(labels)), labels, fontsize=10)
+        ax.set_yticks(range(len(labels)), labels, fontsize=9)
         ax.set_ylim(-0.6, len(labels) - 0.2)
         _zoomed(ax, [v + s * e for v, e in zip(values, errors) for s in (-1, 1)], "x", floor=1.0 if percent else None)
         ax.tick_params(axis="x", labelsize=9)
@@ -54,7 +55,7 @@ def accuracy_plot(rows: list[dict], metric: str = "test_accuracy") -> bytes:
             delta = values[-1] - values[-2]
             unit = " points" if percent else ""
             ax.set_title(f"{mode}: {mine[0]['method']} − uniform = {delta:+.1f}{unit}"
-                         + (f" (uniform s.e.m. {errors[-2]:.1f})" if errors[-2] else ""), fontsize=11)
+                         + (f" (s.e.m. {errors[-2]:.1f})" if errors[-2] else ""), fontsize=10)
     return render_png(fig)
 
 

@@ -10,7 +10,9 @@ Conventions shared by the pipeline and the subset-version browser:
 * run tags ``dagster.run_id``, ``dagster.asset``, ``dagster.partition`` and, for runs about a
   subset version, ``dvc.tag``, ``dvc.commit``, ``dvc.md5``, ``dvc.pushed`` (see :func:`run_tags`);
 * the experiment is created with tag ``mlflow.experimentKind = custom_model_development``
-  (:data:`EXPERIMENT_TAGS`), so MLflow 3's UI opens it in its model-training view, not the GenAI one;
+  (:data:`EXPERIMENT_TAGS`), which MLflow 3's UI reads to open it in its model-training view, not the
+  GenAI one; where the UI's own view switch overrides the tag (3.17), the links this module makes
+  (:func:`experiment_url`, :func:`run_url`) carry ``workflowType=machine_learning``;
   a run's description (``mlflow.note.content``) links the Dagster run (:func:`dagster_note`);
 * per-method, per-budget metrics are logged as ``<metric>/<method>`` at ``step = n`` (see
   :meth:`TrackedRun.log_eval_metrics`), so the MLflow UI plots each metric against n and groups
@@ -111,9 +113,19 @@ def dagster_note(dagster_run_id: str, dagster_url: str, asset: str | None = None
     return f"Dagster run{what}: [{dagster_run_id}]({dagster_url.rstrip('/')}/runs/{dagster_run_id})"
 
 
+# MLflow 3.17's UI shows a "GenAI | Model training" switch whose choice (browser storage, GenAI by
+# default) wins over the experiment's tag; a ``workflowType`` URL parameter wins over both.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment, in its model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
+
+
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI page of a run."""
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The MLflow UI page of a run, in the model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def artifact_url(ui_url: str, run_id: str, path: str) -> str:
