@@ -104,7 +104,8 @@ def test_sensor_waits_for_the_model_then_sketches_only_new_shards(pipeline):
     assert {"not_behind_uniform", "not_behind_previous_version", "picks_follow_shard_sizes",
             "no_duplicate_rows"} <= set(checks)
     assert checks["not_behind_previous_version"].metadata["previous_version"].value == "subset-v0001"
-    assert name in checks["picks_follow_shard_sizes"].metadata["shares"].value
+    shares = checks["picks_follow_shard_sizes"].metadata["shares"].value.records
+    assert name in [r.data["shard"] for r in shares]
     quality = regrown.output_for_node("finetune_eval")["quality"]
     assert quality["previous_tag"] == "subset-v0001" and [r["finetune"] for r in quality["vs_previous"]] == ["FT-1"]
     store = SubsetStore(str(defs.resources["dvc"].repo_root))

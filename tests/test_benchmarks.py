@@ -22,6 +22,7 @@ EXPECT = {
     "digits_curation.py": "corrupted",
     "incremental.py": "sketch_work_ratio_k2",
     "scenarios.py": "Goals per scenario",
+    "versions_list_speed.py": "list_seconds",
 }
 
 

@@ -292,8 +292,9 @@ def test_regression_csv_end_to_end_ft1_and_ft2(versioned_project, tmp_path):
     assert {(r["finetune"], r["method"]) for r in record["rows"]} == {
         (ft, m) for ft in ("FT-1", "FT-2") for m in ("skmm", "uniform (x2)", "full pool")}
     assert all(np.isfinite(r["test_mae"]) for r in record["rows"])
-    assert "| test_mae |" in meta["results"].value
-    assert meta["plot"].value.startswith("![MAE](data:image/png;base64,")
+    assert "test_mae" in [c.name for c in meta["results"].schema.columns]
+    assert "get-artifact?path=plots/mae.png" in meta["plot"].value
+    assert meta["plot_embedded"].value.startswith("![mae.png](data:image/png;base64,")
 
     run = MlflowClient(record["mlflow_tracking_uri"]).get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["task"] == "regression"

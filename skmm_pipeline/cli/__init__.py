@@ -35,10 +35,15 @@ def _add_versions_parser(sub) -> None:
     vl.add_argument("--metric", default="test_accuracy",
                     help="key metric: NAME shows NAME/<method> (default test_accuracy); NAME/METHOD as is")
     vl.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    vl.add_argument("--plot", metavar="PNG", help="also draw every version's key metric against its uniform "
+                    "baseline (with n and pool size) into this PNG file")
     vs = command("show", "versions_cmd:run_show", "one version: manifest, metrics, samples")
     vs.add_argument("tag")
     vs.add_argument("--mlflow", default="auto", help=mlflow_help)
     vs.add_argument("--rows", type=int, default=10, help="samples to print (-1: all)")
+    vs.add_argument("--grid", metavar="PNG", help="also draw the version's samples as an image grid into this "
+                    "PNG file (needs the shard files in the landing folder)")
+    vs.add_argument("--landing", help="folder with the shard files (default: <repo>/.skmm/landing)")
     vd = command("diff", "versions_cmd:run_diff", "added/removed sample ids, overlap and metric deltas from A to B")
     vd.add_argument("a")
     vd.add_argument("b")

@@ -7,7 +7,8 @@ import math
 import sys
 from pathlib import Path
 
-from skmm_pipeline.core.errors import MetricsUnavailable
+from skmm_pipeline.core.atomic import atomic_write_bytes
+from skmm_pipeline.core.errors import InputError, MetricsUnavailable
 from skmm_pipeline.versioning.catalog import SubsetCatalog
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
@@ -36,9 +37,23 @@ def _versions_fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _write_png(path: str, png: bytes, what: str) -> None:
+    atomic_write_bytes(Path(path), png)
+    print(f"{what} written to {path}", file=sys.stderr)
+
+
 def run_list(args) -> int:
     catalog = _versions_catalog(args)
     table = _versions_with_metrics(catalog, lambda c: c.versions())
+    if args.plot:
+        # Imported here: the evaluation package loads torch and matplotlib (about 2 s), which the
+        # plain list does not need.
+        from skmm_pipeline.evaluation import history_plot  # noqa: PLC0415
+
+        history = _versions_with_metrics(catalog, lambda c: c.history())
+        if not history:
+            raise InputError("no subset versions yet: nothing to plot")
+        _write_png(args.plot, history_plot(history, metric_label=f"{catalog.key_metric} (%)"), "version history plot")
     if args.format == "csv":
         print(table.to_csv(index=False), end="")
         return 0
@@ -84,6 +99,17 @@ def run_show(args) -> int:
         print(f"\nsamples ({min(limit, len(subset))} of {len(subset)}):")
         print(subset.head(limit).to_string(index=False))
     print(f"\nrestore with: skmm versions checkout {v.tag}")
+    if args.grid:
+        # Imported here: the evaluation package loads torch and matplotlib (about 2 s).
+        from skmm_pipeline.evaluation import subset_grid  # noqa: PLC0415
+
+        landing = Path(args.landing) if args.landing else Path(args.repo).resolve() / ".skmm" / "landing"
+        shards = {name: landing / f"{name}.npz" for name in sorted(set(subset["shard"]))}
+        absent = [str(p) for p in shards.values() if not p.is_file()]
+        if absent:
+            raise InputError(f"shard files of {v.tag} not found: {absent[:3]} (give the folder with --landing)")
+        title = f"{v.tag}: {m.get('method')}, n={m.get('n')} of {m.get('pool_size')}"
+        _write_png(args.grid, subset_grid(list(subset["sample_id"]), shards, title=title), "subset grid")
     return 0
 
 

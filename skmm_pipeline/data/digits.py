@@ -19,6 +19,7 @@ from skmm_pipeline.data.shards import ShardError, check_shard_name, write_shard
 SPLIT_SEED = 20240707  # the split is part of the scenario, not of an experiment's seed
 SOURCE_CLASSES = (0, 1, 2, 3, 4)  # pretraining task
 TARGET_CLASSES = (5, 6, 7, 8, 9)  # the task selected for, relabelled 0..K-1 in this order
+TARGET_NAMES = tuple(str(c) for c in TARGET_CLASSES)  # the class names the embedded shards carry
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def write_digits_shards(landing_dir: Path, n_shards: int = defaults.DEMO_SHARDS,
     for name, part in load_digits_transfer().pool_shards(n_shards):
         path = landing_dir / f"{name}.npz"
         if overwrite or not path.exists():
-            write_shard(path, part.images, part.labels)
+            write_shard(path, part.images, part.labels, classes=TARGET_NAMES)
         names.append(name)
     return names
 
@@ -168,7 +169,8 @@ def write_new_digits_shard(landing_dir: Path, name: str | None = None, count: in
         if same:
             raise ShardError(f"this delivery (seed {seed}) has the same images as shard {other.stem!r}; "
                              "use another seed")
-    write_shard(path, images, pool.labels[idx], source_ids=[f"pool/{i}@seed{seed}" for i in idx])
+    write_shard(path, images, pool.labels[idx], source_ids=[f"pool/{i}@seed{seed}" for i in idx],
+                classes=TARGET_NAMES)
     return name
 
 

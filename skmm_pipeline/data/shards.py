@@ -66,9 +66,10 @@ def file_sha256(path: Path) -> str:
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
-                targets: np.ndarray | None = None, source_ids=None) -> None:
+                targets: np.ndarray | None = None, source_ids=None, classes=None) -> None:
     """Write a shard: ``labels`` (int, classification) or ``targets`` (float, regression) or neither, and
-    optionally where each image came from (``source_ids``, one string per image)."""
+    optionally where each image came from (``source_ids``, one string per image) and the task's class
+    names (``classes``: label ``k`` is ``classes[k]``; see :func:`shard_class_names`)."""
     name = check_shard_name(Path(path).stem)
     arrays = {"images": np.asarray(images, dtype=np.float32)}
     if labels is not None and targets is not None:
@@ -84,7 +85,24 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None
         arrays["source_ids"] = np.array([str(s) for s in source_ids])
         if arrays["source_ids"].shape != (len(arrays["images"]),):
             raise ShardError(f"shard {name!r}: {len(arrays['source_ids'])} source ids for {len(arrays['images'])} images")
+    if classes is not None:
+        if labels is None:
+            raise ShardError(f"shard {name!r}: class names need labels")
+        arrays["classes"] = np.array([str(c) for c in classes])
+        if arrays["labels"].size and arrays["labels"].max() >= len(arrays["classes"]):
+            raise ShardError(f"shard {name!r}: label {int(arrays['labels'].max())} has no name among "
+                             f"{len(arrays['classes'])} classes")
     atomic_save_npz(Path(path), **arrays)
+
+
+def shard_class_names(path: Path) -> tuple[str, ...] | None:
+    """The class names a shard file carries (its ``classes`` array: label ``k`` is ``classes[k]``), or
+    ``None`` when it has none; an unreadable file is a :class:`ShardError`."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            return tuple(str(c) for c in z["classes"]) if "classes" in z.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ShardError(f"shard {Path(path).stem!r} at {path} is unreadable: {exc}") from exc
 
 
 def _checked_targets(what: str, targets: np.ndarray, n: int) -> np.ndarray:

@@ -4,16 +4,10 @@ the full pool (``evaluation.evaluate_selection``) and logs the results to MLflow
 import dagster as dg
 
 from skmm_pipeline.core.faults import kill_point
+from skmm_pipeline.defs.metadata import embedded_image, linked_image, table
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
-from skmm_pipeline.evaluation import (
-    comparable,
-    evaluate_selection,
-    image_markdown,
-    rows_markdown,
-    versus_previous,
-    versus_uniform,
-)
-from skmm_pipeline.tracking.mlflow_store import run_tags
+from skmm_pipeline.evaluation import comparable, evaluate_selection, subset_grid, versus_previous, versus_uniform
+from skmm_pipeline.tracking.mlflow_store import artifact_url, dagster_note, run_tags, run_url
 
 
 @dg.asset(
@@ -56,14 +50,18 @@ def finetune_eval(
     if task == "regression":
         params["task"] = task
     tracker = mlflow.tracker()
-    tags = run_tags(context.run_id, "finetune_eval", version=subset_version)
+    tags = run_tags(context.run_id, "finetune_eval", version=subset_version,
+                    **{"mlflow.note.content": dagster_note(context.run_id, mlflow.dagster_url, "finetune_eval")})
     plot_name = "mae.png" if task == "regression" else "accuracy.png"
-    with tracker.run(f"finetune_eval {subset_version['tag']}", tags=tags) as run:
+    grid = subset_grid(skmm_selection["sample_ids"], {name: rec["path"] for name, rec in raw_shard.items()},
+                       title=f"{subset_version['tag']}: {result.method}, n={result.n} of {result.pool_size}")
+    with tracker.run(f"{subset_version['tag']}-{result.method}-n{result.n}", tags=tags) as run:
         run.log_params(params)
         run.log_metrics(metrics)
         kill_point("finetune_eval")
         run.log_eval_metrics(result.eval_rows)
         run.log_artifact_bytes(plot_name, plot, "plots")
+        run.log_artifact_bytes("subset_grid.png", grid, "plots")
         run.log_json("results.json", {"rows": rows, "scores": result.scores})
         run.log_json("selection.json", skmm_selection)
     record = {
@@ -80,19 +78,27 @@ def finetune_eval(
     return dg.Output(
         record,
         metadata={
-            "results": dg.MetadataValue.md(rows_markdown(rows)),
-            "plot": dg.MetadataValue.md(image_markdown("MAE" if task == "regression" else "accuracy", plot)),
+            "results": table(rows),
+            # Inline while the MLflow UI serves the run's artifacts; the embedded copies need no server.
+            "plot": linked_image(plot_name, artifact_url(mlflow.ui_url, run.run_id, f"plots/{plot_name}")),
+            "subset_grid": linked_image("subset grid", artifact_url(mlflow.ui_url, run.run_id, "plots/subset_grid.png")),
+            "plot_embedded": embedded_image(plot_name, plot),
+            "subset_grid_embedded": embedded_image("subset grid", grid),
+            "mlflow_run": dg.MetadataValue.url(run_url(mlflow.ui_url, run.experiment_id, run.run_id)),
             **{k: float(v) for k, v in metrics.items()},
             "mlflow_run_id": run.run_id,
             "mlflow_tracking_uri": mlflow.tracking_uri,
             "dvc_tag": subset_version["tag"],
             "summary": dg.MetadataValue.json(summary),
-            "vs_uniform": dg.MetadataValue.md(rows_markdown(quality["vs_uniform"])),
-            "vs_previous": dg.MetadataValue.md(rows_markdown(quality["vs_previous"])
-                                               or "no previous evaluation of the same budget, mode and splits"),
+            "vs_uniform": rows_or_note(quality["vs_uniform"], "no uniform baseline"),
+            "vs_previous": rows_or_note(quality["vs_previous"], "no previous evaluation of the same budget, mode and splits"),
             **({"task": task} if task == "regression" else {}),
         },
     )
+
+
+def rows_or_note(rows: list[dict], note: str) -> dg.MetadataValue:
+    return table(rows) if rows else dg.MetadataValue.text(note)
 
 
 def previous_evaluation(context: dg.AssetExecutionContext) -> dict:
@@ -117,7 +123,7 @@ def not_behind_uniform(finetune_eval: dict) -> dg.AssetCheckResult:
     rows = finetune_eval.get("quality", {}).get("vs_uniform", [])
     return dg.AssetCheckResult(
         passed=not any(r["behind"] for r in rows), severity=dg.AssetCheckSeverity.WARN,
-        metadata={"vs_uniform": dg.MetadataValue.md(rows_markdown(rows) or "no uniform baseline")},
+        metadata={"vs_uniform": rows_or_note(rows, "no uniform baseline")},
     )
 
 
@@ -132,5 +138,5 @@ def not_behind_previous_version(finetune_eval: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not any(r["behind"] for r in rows), severity=dg.AssetCheckSeverity.WARN,
         metadata={"previous_version": str(quality.get("previous_tag")),
-                  "vs_previous": dg.MetadataValue.md(rows_markdown(rows) or "nothing comparable before")},
+                  "vs_previous": rows_or_note(rows, "nothing comparable before")},
     )

@@ -17,8 +17,9 @@ from skmm_pipeline.data.contract import ShardContract, ShardHashes
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
 from skmm_pipeline.data.pool import structure_scores
 from skmm_pipeline.data.shards import file_sha256, file_signature, read_shard
+from skmm_pipeline.defs.metadata import embedded_image
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
-from skmm_pipeline.evaluation import EvalData
+from skmm_pipeline.evaluation import EvalData, shard_grid
 from skmm_pipeline.models.backbones import default_transform
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
@@ -60,9 +61,12 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
         "structure_median": float(np.median(scores)),
         "structure_min": float(scores.min()),
     }
+    aside = None
     if settings.structure_threshold > 0:
         # Relative to this shard only; the selection applies the check relative to the whole pool.
-        meta["lacking_structure"] = int(lacks_structure(scores, settings.structure_threshold).sum())
+        aside = lacks_structure(scores, settings.structure_threshold)
+        meta["lacking_structure"] = int(aside.sum())
+    meta["thumbnails"] = embedded_image(f"shard {name}", shard_grid(path, marked=aside))
     return dg.Output(record, data_version=dg.DataVersion(sha), metadata=meta)
 
 

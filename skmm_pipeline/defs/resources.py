@@ -14,7 +14,7 @@ import dagster as dg
 from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import ConfigError
 from skmm_pipeline.data.shards import check_shard_name
-from skmm_pipeline.tracking.mlflow_store import MlflowTracker, sqlite_uri
+from skmm_pipeline.tracking.mlflow_store import DEFAULT_DAGSTER_URL, DEFAULT_UI_URL, MlflowTracker, sqlite_uri
 from skmm_pipeline.versioning.dvc_store import SubsetStore
 
 
@@ -127,6 +127,8 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str
     artifact_root: str
     experiment: str = "skmm"
+    ui_url: str = DEFAULT_UI_URL  # the MLflow UI the Dagster metadata links to (and shows images from)
+    dagster_url: str = DEFAULT_DAGSTER_URL  # the Dagster UI an MLflow run's description links to
 
     def tracker(self):
         return MlflowTracker(self.tracking_uri, self.artifact_root, self.experiment)
@@ -144,5 +146,7 @@ def default_resources(root: Path | None = None, remote_url: str = "") -> dict:
         "mlflow": MlflowTracking(
             tracking_uri=sqlite_uri(state / "mlflow" / "mlflow.db"),
             artifact_root=str(state / "mlflow" / "artifacts"),
+            ui_url=os.environ.get("SKMM_MLFLOW_UI_URL") or DEFAULT_UI_URL,
+            dagster_url=os.environ.get("SKMM_DAGSTER_UI_URL") or DEFAULT_DAGSTER_URL,
         ),
     }

@@ -19,8 +19,9 @@ from skmm_pipeline.data.pool import (
     unstructured_rows,
 )
 from skmm_pipeline.defs.ingest import shard_partitions
+from skmm_pipeline.defs.metadata import embedded_image, key_values, table
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
-from skmm_pipeline.evaluation import rows_markdown, shard_shares
+from skmm_pipeline.evaluation import class_names, shard_shares, subset_grid
 
 
 @dg.asset(
@@ -74,8 +75,8 @@ def skmm_selection(
             "method": settings.method,
             "reference": record["reference"],
             "duplicate_rows": int(result.diagnostics["duplicate_rows"]),
-            "moment_ratio": float(result.diagnostics["moment_ratio"]),
-            "select_seconds": float(result.diagnostics["select_seconds"]),
+            "moment_ratio": round(float(result.diagnostics["moment_ratio"]), 4),
+            "select_seconds": round(float(result.diagnostics["select_seconds"]), 3),
             "outliers_excluded": int(result.diagnostics.get("outliers_excluded", 0)),
             "unstructured_excluded": int(result.diagnostics.get("rows_excluded", 0)),
             "unstructured_examples": dg.MetadataValue.json(
@@ -83,6 +84,10 @@ def skmm_selection(
             "picked_per_shard": dg.MetadataValue.json(per_shard),
             "sketch_fingerprint": fingerprint,
             "first_ids": dg.MetadataValue.json(chosen[:20]),
+            "diagnostics": key_values(result.diagnostics),
+            "subset_grid": embedded_image("selected subset", subset_grid(
+                chosen, {name: workspace.shard_path(name) for name in shards},
+                title=f"{settings.method}: {len(chosen)} of {len(ids)} selected")),
         },
     )
 
@@ -142,14 +147,14 @@ def class_coverage(skmm_selection: dict, workspace: Workspace) -> dg.AssetCheckR
     pool_counts, subset_counts, note = class_counts(skmm_selection["sample_ids"], shard_paths)
     if note:
         return dg.AssetCheckResult(passed=True, metadata={"note": note})
-    missing = sorted(set(pool_counts) - set(subset_counts))
-    table = "| class | pool | subset |\n|---|---|---|\n" + "\n".join(
-        f"| {c} | {pool_counts[c]} | {subset_counts.get(c, 0)} |" for c in sorted(pool_counts)
-    )
+    names = class_names(shard_paths)  # the task's own class names where the shards carry them
+    name = lambda c: names.get(c, str(c))  # noqa: E731
+    missing = [name(c) for c in sorted(set(pool_counts) - set(subset_counts))]
+    rows = [{"class": name(c), "pool": pool_counts[c], "subset": subset_counts.get(c, 0)} for c in sorted(pool_counts)]
     return dg.AssetCheckResult(
         passed=not missing,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"classes_missing": dg.MetadataValue.json(missing), "coverage": dg.MetadataValue.md(table)},
+        metadata={"classes_missing": dg.MetadataValue.json(missing), "coverage": table(rows)},
     )
 
 
@@ -164,7 +169,7 @@ def picks_follow_shard_sizes(skmm_selection: dict) -> dg.AssetCheckResult:
     over = [r["shard"] for r in rows if r["over_picked"]]
     return dg.AssetCheckResult(
         passed=not over, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"over_picked": dg.MetadataValue.json(over), "shares": dg.MetadataValue.md(rows_markdown(rows))},
+        metadata={"over_picked": dg.MetadataValue.json(over), "shares": table(rows)},
     )
 
 

@@ -58,6 +58,8 @@ from skmm_pipeline.evaluation._finetune import (
     macro_f1,
     ridge_probe,
 )
+from skmm_pipeline.evaluation._gallery import class_names, shard_grid, subset_grid
+from skmm_pipeline.evaluation._plots import accuracy_plot, history_plot
 from skmm_pipeline.evaluation._quality import comparable, shard_shares, versus_previous, versus_uniform
 from skmm_pipeline.evaluation._report import (
     image_markdown,
@@ -72,7 +74,6 @@ from skmm_pipeline.evaluation._report import (
 from skmm_pipeline.evaluation._selection_eval import (
     SUMMARY_METRICS,
     SelectionEvaluation,
-    accuracy_plot,
     comparison_subsets,
     evaluate_selection,
     ft1_evaluator,
@@ -85,7 +86,8 @@ __all__ = [
     "CB_SUFFIX", "COLUMNS", "DEFAULT_ALPHAS", "DEFAULT_CS", "DEFAULT_FT2_GRID", "EXCLUDED_BY_DEFAULT", "FINETUNE_MODES",
     "FULL_POOL", "GROUPS", "HP_COLUMNS", "LABEL_FREE", "LABEL_USING", "REFERENCE", "SUMMARY_METRICS", "TASKS",
     "TIMING_COLUMNS", "EvalData", "EvalSplit", "FT2Setup", "FinetuneGrid", "FinetuneResult", "MethodSpec", "Pool",
-    "ProbeResult", "SeededSketches", "SelectionEvaluation", "Split", "accuracy_plot", "check_regression_model",
+    "ProbeResult", "SeededSketches", "SelectionEvaluation", "Split", "accuracy_plot", "class_names", "history_plot",
+    "shard_grid", "subset_grid", "check_regression_model",
     "check_regression_setup", "check_same_task", "compare", "comparison_subsets", "default_methods", "default_specs",
     "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "group_baselines", "headline_checks", "paired_difference",
     "image_markdown", "linear_probe", "load_labelled_pool", "load_pool", "macro_f1", "markdown", "method_table",

@@ -28,10 +28,11 @@ def pyplot():
     return plt
 
 
-def render_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (tight layout); the figure is closed."""
+def render_png(fig, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (``tight``: laid out tightly first); the figure is closed."""
     plt = pyplot()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

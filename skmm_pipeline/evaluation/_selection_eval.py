@@ -19,7 +19,7 @@ from skmm_pipeline.core.errors import ConfigError, DataError
 from skmm_pipeline.core.sketch import derive_seed
 from skmm_pipeline.evaluation._data import EvalData, Pool, check_regression_setup, check_same_task, load_pool
 from skmm_pipeline.evaluation._finetune import FINETUNE_MODES, EvalSplit, finetune_tail, linear_probe, ridge_probe
-from skmm_pipeline.evaluation._report import pyplot, render_png
+from skmm_pipeline.evaluation._plots import accuracy_plot
 from skmm_pipeline.models.backbones import finetune_split
 from skmm_pipeline.models.features import standardized_features
 
@@ -76,24 +76,6 @@ def ft2_evaluator(pool: Pool, ev: EvalData, seed: int) -> Callable[[np.ndarray],
 
 
 EVALUATORS = {"FT-1": ft1_evaluator, "FT-2": ft2_evaluator}
-
-
-def accuracy_plot(rows: list[dict], metric: str = "test_accuracy") -> bytes:
-    """Bars per finetuning mode and subset (s.e.m. error bars): test accuracy in [0, 1], or test MAE
-    (``metric="test_mae"``, lower is better) from 0."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 1, 2.8), dpi=80)
-    labels = [f"{r['finetune']}\n{r['method']}" for r in rows]
-    colors = [f"C{i % 3}" for i in range(len(rows))]
-    ax.bar(labels, [r[metric] for r in rows], yerr=[r["sem"] for r in rows], color=colors)
-    ax.tick_params(axis="x", labelsize=6)
-    if metric == "test_accuracy":
-        ax.set_ylabel("FT-1 test accuracy")
-        ax.set_ylim(0, 1)
-    else:
-        ax.set_ylabel("test MAE (lower is better)")
-        ax.set_ylim(bottom=0)
-    return render_png(fig)
 
 
 def summarize_scores(scores: dict, method: str, uniform_keys: list[str], n: int, pool_size: int, task: str):

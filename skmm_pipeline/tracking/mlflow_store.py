@@ -9,6 +9,11 @@ Conventions shared by the pipeline and the subset-version browser:
 
 * run tags ``dagster.run_id``, ``dagster.asset``, ``dagster.partition`` and, for runs about a
   subset version, ``dvc.tag``, ``dvc.commit``, ``dvc.md5``, ``dvc.pushed`` (see :func:`run_tags`);
+* the experiment is created with tag ``mlflow.experimentKind = custom_model_development``
+  (:data:`EXPERIMENT_TAGS`), which MLflow 3's UI reads to open it in its model-training view, not the
+  GenAI one; where the UI's own view switch overrides the tag (3.17), the links this module makes
+  (:func:`experiment_url`, :func:`run_url`) carry ``workflowType=machine_learning``;
+  a run's description (``mlflow.note.content``) links the Dagster run (:func:`dagster_note`);
 * per-method, per-budget metrics are logged as ``<metric>/<method>`` at ``step = n`` (see
   :meth:`TrackedRun.log_eval_metrics`), so the MLflow UI plots each metric against n and groups
   the methods of one metric in one section.
@@ -22,12 +27,14 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from skmm_pipeline.core.errors import ConfigError
 
@@ -37,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 PROJECT_STORE = Path(".skmm") / "mlflow" / "mlflow.db"
 """Where the pipeline's default MLflow store lives, relative to the project root."""
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Experiment tags: MLflow 3's UI reads ``mlflow.experimentKind`` to choose the experiment's view."""
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui --port 5000` (as the demo prints it) serves
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"  # where `dagster dev` serves by default
 
 _MAX_PARAM_CHARS = 6000
 _MAX_TAG_CHARS = 5000
@@ -93,6 +105,32 @@ def version_tags(version: Any) -> dict[str, str]:
     if get("pushed") is not None:
         tags["dvc.pushed"] = str(bool(get("pushed"))).lower()
     return tags
+
+
+def dagster_note(dagster_run_id: str, dagster_url: str, asset: str | None = None) -> str:
+    """A run description (Markdown, the ``mlflow.note.content`` tag) linking the Dagster run."""
+    what = f" materializing `{asset}`" if asset else ""
+    return f"Dagster run{what}: [{dagster_run_id}]({dagster_url.rstrip('/')}/runs/{dagster_run_id})"
+
+
+# MLflow 3.17's UI shows a "GenAI | Model training" switch whose choice (browser storage, GenAI by
+# default) wins over the experiment's tag; a ``workflowType`` URL parameter wins over both.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment, in its model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
+
+
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run, in the model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+
+
+def artifact_url(ui_url: str, run_id: str, path: str) -> str:
+    """Where the MLflow UI server serves one artifact file of a run (e.g. an image to show elsewhere)."""
+    return f"{ui_url.rstrip('/')}/get-artifact?path={quote(path)}&run_uuid={run_id}"
 
 
 def metric_key(metric: str, method: str) -> str:
@@ -228,10 +266,13 @@ class MlflowTracker:
 
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in exp.tags:  # an experiment made before the tag: the UI would open it as GenAI
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         location = (self.artifact_root / self.experiment).as_uri() if self.artifact_root else None
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             exp = self.client.get_experiment_by_name(self.experiment)  # created concurrently
             if exp is None:
@@ -269,6 +310,8 @@ class MlflowTracker:
         found: dict[str, VersionRuns] = {tag: VersionRuns() for tag in wanted}
         if not wanted or (self.db_path is not None and not self.db_path.is_file()):
             return found
+        if self.db_path is not None:
+            return _sqlite_version_runs(self.db_path, wanted, found)
         from mlflow.entities import ViewType  # noqa: PLC0415
 
         exp_ids = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
@@ -296,3 +339,34 @@ class MlflowTracker:
             token = page.token
             if not token:
                 return found
+
+
+_VERSION_RUNS_SQL = """
+SELECT r.run_uuid, t.value, m.value, lm.key, lm.value
+FROM runs r
+JOIN experiments e ON e.experiment_id = r.experiment_id AND e.lifecycle_stage = 'active'
+JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'dvc.tag'
+LEFT JOIN tags m ON m.run_uuid = r.run_uuid AND m.key = 'dvc.md5'
+LEFT JOIN latest_metrics lm ON lm.run_uuid = r.run_uuid
+WHERE r.status = 'FINISHED' AND r.lifecycle_stage = 'active'
+ORDER BY r.start_time ASC, r.run_uuid
+"""
+
+
+def _sqlite_version_runs(db_path: Path, wanted: Mapping[str, str | None],
+                         found: dict[str, VersionRuns]) -> dict[str, VersionRuns]:
+    """:meth:`MlflowTracker.version_runs` read straight from a sqlite store, read-only: the same query the
+    client would run, without importing MLflow and its SQLAlchemy store (about 4 s of `skmm versions
+    list` over 20 versions, measured by benchmarks/versions_list_speed.py). A store whose tables differ
+    (another MLflow schema) raises :class:`sqlite3.Error`; the caller reports that as unreadable."""
+    with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as db:
+        rows = db.execute(_VERSION_RUNS_SQL).fetchall()
+    for run_id, tag, md5, key, value in rows:
+        if tag not in wanted or (md5 and wanted[tag] and md5 != wanted[tag]):
+            continue
+        entry = found[tag]
+        if not entry.run_ids or entry.run_ids[-1] != run_id:
+            entry.run_ids.append(run_id)
+        if key is not None and value is not None and not math.isnan(float(value)):
+            entry.metrics[key] = float(value)
+    return found

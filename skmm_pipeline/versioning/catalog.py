@@ -152,6 +152,25 @@ class SubsetCatalog:
         table["c_S"] = pd.to_numeric(table["c_S"], errors="coerce")
         return table
 
+    def history(self) -> list[dict]:
+        """Per version, oldest first: ``tag``, ``method``, ``n``, ``pool_size``, ``selected`` (the key
+        metric of the selection), ``uniform`` and ``uniform_sem`` (of the uniform subsets of its size, as
+        ``finetune_eval`` logs them); ``None`` where a version has no such run."""
+        versions = self.store.list_versions()
+        runs = self._runs(versions)
+        base = self.key_metric.split("/")[0]
+        out = []
+        for v in versions:
+            metrics = runs[v.tag].metrics if v.tag in runs else {}
+            out.append({
+                "tag": v.tag, "method": v.meta.get("method"), "n": v.meta.get("n"),
+                "pool_size": v.meta.get("pool_size"),
+                "selected": metrics.get(self._key_metric_name(v.meta.get("method"))),
+                "uniform": metrics.get(metric_key(base, "uniform")),
+                "uniform_sem": metrics.get(metric_key(f"{base}_sem", "uniform")),
+            })
+        return out
+
     # ------------------------------------------------------------------ one version
 
     def subset(self, tag: str) -> Any:
