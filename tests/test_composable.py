@@ -19,6 +19,7 @@ from skmm_pipeline.core.moment_matching import moment_stats
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.core.sketch_io import save_sketch_shard
 from skmm_pipeline.core.validation import InputError
+from skmm_pipeline.data.composable import composable_selection
 
 
 def _clusters(seed=0, sizes=(400, 300, 200, 100, 50, 8), d=12, spread=0.05):
@@ -109,3 +110,40 @@ def test_reuse_only_within_the_tolerance():
     assert not cands.reusable(far, n=10, c=2, rule="design", seed=3)
     assert not cands.reusable(near, n=11, c=2, rule="design", seed=3)
     assert cands.key != shard_candidates(G[:200], far, 10, c=2, seed=3).key
+
+
+def _write_shards(root, G, k, identity=None):
+    records = {}
+    for i, part in enumerate(np.array_split(np.arange(len(G)), k)):
+        name = f"s{i:03d}"
+        save_sketch_shard(root / name, G[part].astype(np.float32), [f"{name}/{r}" for r in range(part.size)],
+                          identity or {"seed": 0})
+        records[name] = {"path": str(root / name), "data_version": f"v{i}", "rows": int(part.size)}
+    return records
+
+
+def test_cached_selection_over_files_recomputes_only_the_new_shard(tmp_path):
+    G, label = _clusters(3, sizes=(900, 700, 500, 300, 100, 20))
+    records = _write_shards(tmp_path / "sk", G, 9)
+    new = {"s008": records.pop("s008")}
+    first = composable_selection(tmp_path / "cache", records, 25, c=2, seed=1)
+    assert first["recomputed"] == sorted(records) and len(first["sample_ids"]) == len(set(first["sample_ids"])) == 25
+    again = composable_selection(tmp_path / "cache", records, 25, c=2, seed=1)
+    assert again["recomputed"] == [] and again["moments_computed"] == [] and again["sample_ids"] == first["sample_ids"]
+    grown = composable_selection(tmp_path / "cache", {**records, **new}, 25, c=2, seed=1)
+    assert grown["recomputed"] == ["s008"] and grown["moments_computed"] == ["s008"]
+    assert grown["candidate_sets"]["s000"] == first["candidate_sets"]["s000"]
+    # a tolerance of zero recomputes every shard whose moment moved
+    strict = composable_selection(tmp_path / "cache", {**records, **new}, 25, c=2, seed=1, tolerance=0.0)
+    assert strict["recomputed"] == sorted(records)
+    rows = {name: np.array_split(np.arange(len(G)), 9)[i] for i, name in enumerate(sorted({**records, **new}))}
+    picked = [rows[s][int(r)] for s, r in (sid.split("/") for sid in grown["sample_ids"])]
+    assert np.unique(label[picked]).size == 6
+
+
+def test_cached_selection_refuses_mixed_identities(tmp_path):
+    G, _ = _clusters(0)
+    records = _write_shards(tmp_path / "a", G[:600], 2, {"seed": 0})
+    other = _write_shards(tmp_path / "b", G[600:], 1, {"seed": 5})
+    with pytest.raises(SketchMismatchError, match="gradient_sketch"):
+        composable_selection(tmp_path / "cache", {**records, "zz": other["s000"]}, 10)
