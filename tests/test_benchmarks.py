@@ -22,6 +22,7 @@ EXPECT = {
     "digits_curation.py": "corrupted",
     "incremental.py": "sketch_work_ratio_k2",
     "scenarios.py": "Goals per scenario",
+    "composable.py": "incremental_candidate_work_ratio",
 }
 
 

@@ -23,7 +23,6 @@ from skmm_pipeline.core.composable.moments import (
     ShardMoment,
     moment_drift,
     pool_moment,
-    principal_angle,
     shard_moment,
     shard_moment_from_file,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "moment_drift",
     "per_shard",
     "pool_moment",
-    "principal_angle",
     "shard_candidates",
     "shard_moment",
     "shard_moment_from_file",

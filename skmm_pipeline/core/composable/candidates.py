@@ -10,7 +10,8 @@ is worth as much in every shard. Two rules:
 
 The merge runs the same design over the union of the candidates (at most ``S c n`` rows, never N) with
 ``Sigma`` as the target. A shard's candidates are reused after the pool grows only while the moment
-they were chosen against is within ``tolerance`` (relative Frobenius distance) of the current one.
+they were chosen against is within ``tolerance`` of the current one (:func:`.moments.moment_drift`: no
+direction's energy moved by more than that fraction of its own).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from skmm_pipeline.core.validation import InputError, check_float, check_int
 RULES = ("design", "leverage")
 DEFAULT_C = 4.0
 DEFAULT_RULE = "design"
-# Reuse a shard's candidates while ||Sigma_now - Sigma_then||_F / ||Sigma_then||_F stays below this.
+# Reuse a shard's candidates while no direction's energy moved by more than this fraction (moment_drift).
 DEFAULT_TOLERANCE = 0.05
 
 

@@ -7,7 +7,6 @@ size); the pool's moment is their sum. Shards sketched with different identities
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,6 +16,10 @@ from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.moment_matching import CHUNK_ROWS, MomentStats
 from skmm_pipeline.core.sketch_io import canonical_identity, check_identity, read_sketch_shard
 from skmm_pipeline.core.validation import InputError
+
+# The ridge of :func:`moment_drift`, relative to the average eigenvalue: directions weaker than 1% of it
+# are noise whose relative moves do not count.
+DRIFT_RIDGE = 0.01
 
 
 @dataclass(frozen=True)
@@ -94,19 +97,21 @@ def pool_moment(moments: Iterable[ShardMoment]) -> ShardMoment:
     return ShardMoment(count, total, row_sum, first.identity)
 
 
-def principal_angle(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """The largest principal angle (radians) between the top-``k`` eigenspaces of two m x m moments."""
-    k = max(1, min(int(k), a.shape[0]))
-    Va = np.linalg.eigh(a)[1][:, ::-1][:, :k]
-    Vb = np.linalg.eigh(b)[1][:, ::-1][:, :k]
-    s = np.linalg.svd(Va.T @ Vb, compute_uv=False)
-    return float(math.acos(min(1.0, max(0.0, float(s.min())))))
+def moment_drift(old: np.ndarray, new: np.ndarray, ridge: float = DRIFT_RIDGE) -> float:
+    """How far the pool's moment moved, direction by direction: the largest ``|v^T (new - old) v| / (v^T old v + a)``
+    over unit vectors ``v`` (the spectral norm of the whitened change), ``a = ridge tr(old) / m``.
 
-
-def moment_drift(old: np.ndarray, new: np.ndarray) -> float:
-    """How far the pool's moment moved: ``||new - old||_F / ||old||_F``."""
+    Scale-free and blind to nothing: a direction new to the pool (zero energy before) moves by its whole
+    energy over ``a``, however small next to the pool's largest ones (a relative Frobenius distance would
+    hide it); a like shard joining S others moves every direction by about ``1 / S`` of its own noise.
+    """
     old, new = np.asarray(old, dtype=np.float64), np.asarray(new, dtype=np.float64)
     if old.shape != new.shape:
         raise SketchMismatchError(f"moments of shapes {old.shape} and {new.shape} cannot be compared")
-    scale = float(np.linalg.norm(old))
-    return float(np.linalg.norm(new - old) / scale) if scale > 0 else float("inf")
+    a = float(ridge) * float(np.trace(old)) / old.shape[0]
+    if not a > 0:
+        return float("inf") if np.any(new) else 0.0
+    w, V = np.linalg.eigh((old + old.T) / 2)
+    W = V / np.sqrt(np.clip(w, 0.0, None) + a)
+    D = W.T @ (new - old) @ W
+    return float(np.max(np.abs(np.linalg.eigvalsh((D + D.T) / 2))))
