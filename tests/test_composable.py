@@ -1,6 +1,7 @@
 """Composable selection: shard moments sum to the pool's, candidates against the global moment, the merge
 against global `select`, reuse after growth; and the Dagster lineage in composable mode."""
 
+import dagster as dg
 import numpy as np
 import pytest
 
@@ -14,12 +15,16 @@ from skmm_pipeline.core.composable import (
     shard_moment,
     shard_moment_from_file,
 )
-from skmm_pipeline.core.errors import SketchMismatchError
+from skmm_pipeline.core.errors import ConfigError, SketchMismatchError
 from skmm_pipeline.core.moment_matching import moment_stats
 from skmm_pipeline.core.selection import select
 from skmm_pipeline.core.sketch_io import save_sketch_shard
 from skmm_pipeline.core.validation import InputError
-from skmm_pipeline.data.composable import composable_selection
+from skmm_pipeline.data.composable import composable_selection, resolve_mode
+from skmm_pipeline.data.digits import write_digits_shards
+from skmm_pipeline.definitions import ASSET_CHECKS, COMPOSABLE_ASSETS, PIPELINE_ASSETS, build_definitions
+from skmm_pipeline.defs.resources import SkmmSettings
+from skmm_pipeline.versioning.subsets import SubsetManifest
 
 
 def _clusters(seed=0, sizes=(400, 300, 200, 100, 50, 8), d=12, spread=0.05):
@@ -147,3 +152,60 @@ def test_cached_selection_refuses_mixed_identities(tmp_path):
     other = _write_shards(tmp_path / "b", G[600:], 1, {"seed": 5})
     with pytest.raises(SketchMismatchError, match="gradient_sketch"):
         composable_selection(tmp_path / "cache", {**records, "zz": other["s000"]}, 10)
+
+
+def test_dagster_lineage_in_composable_mode_recomputes_only_a_new_shard(project, dagster_home):
+    settings = SkmmSettings(budget=10, pretrain_epochs=1, selection_mode="composable", composable_c=2.0,
+                            composable_tolerance=1.0)  # 1 shard joining 3 moves the moment ~0.1: reuse is tested here
+    defs = build_definitions(project, settings=settings)
+    instance = dg.DagsterInstance.get()
+    names = write_digits_shards(project / ".skmm" / "landing", 4)
+    instance.add_dynamic_partitions("shards", names[:3])
+    assets = [*PIPELINE_ASSETS, *COMPOSABLE_ASSETS, *ASSET_CHECKS]
+
+    def run(select, partition=None):
+        result = dg.materialize(assets, selection=select, partition_key=partition, instance=instance,
+                                resources=defs.resources)
+        assert result.success
+        return result
+
+    def grow(shards):
+        for p in shards:
+            assert defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=p).success
+            run(["shard_moment"], p)
+        run(["pool_moment"])
+        computed = {p: run(["shard_candidates"], p).asset_materializations_for_node("shard_candidates")[0]
+                    .metadata["computed"].value for p in sorted(instance.get_dynamic_partitions("shards"))}
+        selection = run(["skmm_selection"])
+        checks = {e.check_name: e.passed for e in selection.get_asset_check_evaluations()}
+        assert checks["budget_met_with_unique_ids"] and checks["ids_in_registered_shards"]
+        assert checks["single_sketch_identity"]
+        return computed, selection.output_for_node("skmm_selection")
+
+    assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+    computed, first = grow(names[:3])
+    assert computed == dict.fromkeys(names[:3], True)
+    assert first["selection_mode"] == "composable" and first["composable"]["c"] == 2.0
+    assert sorted(first["composable"]["candidate_sets"]) == names[:3]
+    assert first["composable"]["recomputed"] == []  # the merge found every shard's candidates made by the assets
+    assert len(set(first["sample_ids"])) == 10 and {s.split("/")[0] for s in first["sample_ids"]} <= set(names[:3])
+
+    instance.add_dynamic_partitions("shards", names[3:])
+    computed, second = grow(names[3:])
+    assert computed == {**dict.fromkeys(names[:3], False), names[3]: True}
+    assert {k: second["composable"]["candidate_sets"][k] for k in names[:3]} == first["composable"]["candidate_sets"]
+    assert second["composable"]["recomputed"] == [] and second["pool_size"] > first["pool_size"]
+    manifest = SubsetManifest.from_selection(second)
+    assert manifest.extra["selection_mode"] == "composable"
+    assert manifest.extra["composable"]["candidate_sets"] == second["composable"]["candidate_sets"]
+
+
+def test_auto_mode_is_global_below_the_threshold():
+    assert resolve_mode("auto", 550, 128) == "global"
+    assert resolve_mode("auto", 10**7, 256) == "composable"
+    assert resolve_mode("auto", 10**7, 256, outlier_guard=True) == "global"
+    assert resolve_mode("global", 10**7, 256) == "global"
+    with pytest.raises(ConfigError, match="selection_mode"):
+        resolve_mode("sharded", 10, 10)
+    with pytest.raises(ConfigError, match="method 'skmm'"):
+        resolve_mode("composable", 10, 10, method="uniform")

@@ -35,7 +35,8 @@ from skmm_pipeline.core.composable import (
     shard_moment_from_file,
     shard_seed,
 )
-from skmm_pipeline.core.errors import SketchMismatchError
+from skmm_pipeline.core import defaults
+from skmm_pipeline.core.errors import ConfigError, SketchMismatchError
 from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.sketch_io import read_sketch_shard
 from skmm_pipeline.data.shards import ShardError
@@ -148,3 +149,21 @@ def composable_selection(cache: Path, records: Mapping[str, Mapping], n: int, *,
             "merge_seconds": t3 - t2, "select_seconds": t3 - t0,
         },
     }
+
+
+MODES = ("global", "composable", "auto")
+
+
+def resolve_mode(mode: str, rows: int, sketch_dim: int, *, method: str = "skmm", outlier_guard: bool = False) -> str:
+    """``"global"`` or ``"composable"`` for ``selection_mode`` (``"auto"``: composable once the joined sketch,
+    ``rows x sketch_dim`` float32, exceeds :data:`core.defaults.COMPOSABLE_ABOVE_BYTES`, and the method is
+    skmm without the outlier guard, which needs the whole pool)."""
+    if mode not in MODES:
+        raise ConfigError(f"selection_mode must be one of {list(MODES)}, got {mode!r}")
+    if mode == "composable" and (method != "skmm" or outlier_guard):
+        raise ConfigError(f"composable selection runs method 'skmm' without the outlier guard (got method {method!r}, "
+                          f"outlier_guard={outlier_guard}): set selection_mode to 'global'")
+    if mode == "auto":
+        big = int(rows) * int(sketch_dim) * 4 > defaults.COMPOSABLE_ABOVE_BYTES
+        return "composable" if big and method == "skmm" and not outlier_guard else "global"
+    return mode

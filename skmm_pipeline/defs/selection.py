@@ -17,19 +17,23 @@ from skmm_pipeline.data.pool import (
     unknown_ids,
     unstructured_rows,
 )
+from skmm_pipeline.defs.composable import composable_output, selection_mode
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 
 
 @dg.asset(
     group_name="skmm",
-    code_version="2",
+    code_version="3",
     kinds={"numpy"},
-    description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch.",
+    description="SkMM over all shards: the budget-n subset whose second moment best covers the pool's in the sketch "
+    "(settings.selection_mode: joined globally, or merged from the shards' candidates).",
 )
 def skmm_selection(
     context: dg.AssetExecutionContext, gradient_sketch: dict, settings: SkmmSettings, workspace: Workspace
 ) -> dg.Output[dict]:
+    if selection_mode(settings, gradient_sketch) == "composable":
+        return composable_output(gradient_sketch, settings, workspace)
     G, ids, identity = load_sketches(gradient_sketch)
     guard = {}
     if settings.outlier_guard:
@@ -54,6 +58,7 @@ def skmm_selection(
         "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
         "sketch_fingerprint": fingerprint,
         "diagnostics": result.diagnostics,
+        "selection_mode": "global",
     }
     per_shard = picked_per_shard(chosen, shards)
     return dg.Output(
