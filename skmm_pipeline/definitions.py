@@ -8,15 +8,18 @@ from pathlib import Path
 import dagster as dg
 
 from skmm_pipeline.core.errors import ConfigError
-from skmm_pipeline.defs import benchmark_assets, evaluation, ingest, selection, sketch, versioning
+from skmm_pipeline.defs import benchmark_assets, composable, evaluation, ingest, selection, sketch, versioning
 from skmm_pipeline.defs.automation import reselect_schedule, shard_sensor
 from skmm_pipeline.defs.ingest import import_data, shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, default_resources
 
 # The pipeline's modules, in the order of the graph: raw_shard[p] -> gradient_sketch[p] -> skmm_selection
-# -> subset_version -> finetune_eval; the benchmark's assets apart (a job of their own).
+# -> subset_version -> finetune_eval; the benchmark's assets apart (a job of their own), and the composable
+# selection's gradient_sketch[p] -> shard_moment[p] -> pool_moment -> shard_candidates[p], materialized
+# ahead of skmm_selection (any worker) when a pool is selected composably (settings.selection_mode).
 PIPELINE_MODULES = [ingest, sketch, selection, versioning, evaluation]
 PIPELINE_ASSETS = dg.load_assets_from_modules(PIPELINE_MODULES)
+COMPOSABLE_ASSETS = dg.load_assets_from_modules([composable])
 BENCHMARK_ASSETS = dg.load_assets_from_modules([benchmark_assets])
 ASSET_CHECKS = dg.load_asset_checks_from_modules(PIPELINE_MODULES + [benchmark_assets])
 
@@ -64,7 +67,7 @@ def build_definitions(
     if settings is not None:
         resources["settings"] = settings
     return dg.Definitions(
-        assets=[*PIPELINE_ASSETS, *BENCHMARK_ASSETS],
+        assets=[*PIPELINE_ASSETS, *COMPOSABLE_ASSETS, *BENCHMARK_ASSETS],
         asset_checks=ASSET_CHECKS,
         jobs=JOBS,
         sensors=[shard_sensor],

@@ -23,6 +23,7 @@ EXPECT = {
     "incremental.py": "sketch_work_ratio_k2",
     "scenarios.py": "Goals per scenario",
     "versions_list_speed.py": "list_seconds",
+    "composable.py": "incremental_candidate_work_ratio",
 }
 
 

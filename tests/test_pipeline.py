@@ -36,8 +36,9 @@ def test_definitions_load_and_selection_parser_works(tmp_path):
     defs = build_definitions(tmp_path)
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "validation_sketch", "skmm_selection", "subset_version", "finetune_eval",
-                    "selection_benchmark"}
+    assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "validation_sketch", "skmm_selection",
+                    "subset_version", "finetune_eval", "selection_benchmark", "shard_moment", "pool_moment",
+                    "shard_candidates"}
     for job in ("import_data", "pretrain", "sketch_shard", "reselect", "benchmark"):
         defs.resolve_job_def(job)
     # Regression guard for the antlr4 pin conflict between DVC's hydra and Dagster's parser.

@@ -6,3 +6,7 @@ SKETCH_DIM = 128  # m of the gradient sketch
 DEMO_SHARDS = 3  # shards the embedded pool lands in
 BENCHMARK_SEEDS = 5
 BENCHMARK_BUDGETS = (10, 20, 40, 80, 160)
+# selection_mode "auto" selects composably (per-shard candidates, one merge) once the joined sketch
+# (rows x sketch_dim float32) would exceed this many bytes, and globally below it (the demo's pool is
+# ~550 rows x 128: about 0.3 MB).
+COMPOSABLE_ABOVE_BYTES = 2 << 30

@@ -68,6 +68,14 @@ class SkmmSettings(dg.ConfigurableResource):
     # images whose spatial-structure score lies more than structure_threshold robust standard
     # deviations below the pool's median (noise, salt-and-pepper, blank frames; 0 turns that check off).
     outlier_guard: bool = False
+    # "global" joins every shard's sketch and selects once; "composable" has each shard propose
+    # ceil(composable_c * budget) candidates against the pool's moment (shard_candidates) and selects
+    # from their union (skmm only, no outlier guard); "auto" is composable once the joined sketch would
+    # exceed core.defaults.COMPOSABLE_ABOVE_BYTES (2 GiB), global below. A shard's candidates are reused
+    # while the pool's moment moved by at most composable_tolerance (core.composable.moment_drift).
+    selection_mode: str = "auto"
+    composable_c: float = 4.0
+    composable_tolerance: float = 0.05
     structure_threshold: float = 4.0
     # Data contract (raw_shard): pixel values of a pool shard stay within +-max_abs_pixel (the model's
     # inputs: [0, 1] or normalised images; 8-bit values are refused); 0 turns the bound off.

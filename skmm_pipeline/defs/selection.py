@@ -18,6 +18,7 @@ from skmm_pipeline.data.pool import (
     unknown_ids,
     unstructured_rows,
 )
+from skmm_pipeline.defs.composable import composable_output, selection_mode
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.metadata import embedded_image, key_values, table
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
@@ -26,15 +27,18 @@ from skmm_pipeline.evaluation import class_names, shard_shares, subset_grid
 
 @dg.asset(
     group_name="skmm",
-    code_version="2",
+    code_version="3",
     kinds={"numpy"},
     description="SkMM over all shards: the budget-n subset whose second moment best covers, in the sketch, the "
-    "validation split's (settings.reference 'validation', the default) or the pool's ('pool').",
+    "validation split's (settings.reference 'validation', the default) or the pool's ('pool'); joined globally, or "
+    "merged from the shards' candidates (settings.selection_mode; that mode matches the pool's moment).",
 )
 def skmm_selection(
     context: dg.AssetExecutionContext, gradient_sketch: dict, validation_sketch: dict, settings: SkmmSettings,
     workspace: Workspace,
 ) -> dg.Output[dict]:
+    if selection_mode(settings, gradient_sketch) == "composable":
+        return composable_output(gradient_sketch, settings, workspace)
     G, ids, identity = load_sketches(gradient_sketch)
     reference = reference_rows(validation_sketch, identity, settings.method)
     guard = {}
@@ -64,6 +68,7 @@ def skmm_selection(
         "sketch_fingerprint": fingerprint,
         "reference": "pool" if reference is None else "validation",
         "diagnostics": result.diagnostics,
+        "selection_mode": "global",
     }
     per_shard = picked_per_shard(chosen, shards)
     return dg.Output(
