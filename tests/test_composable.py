@@ -176,7 +176,7 @@ def test_dagster_lineage_in_composable_mode_recomputes_only_a_new_shard(project,
         run(["pool_moment"])
         computed = {p: run(["shard_candidates"], p).asset_materializations_for_node("shard_candidates")[0]
                     .metadata["computed"].value for p in sorted(instance.get_dynamic_partitions("shards"))}
-        selection = run(["skmm_selection"])
+        selection = run(["validation_sketch", "skmm_selection"])
         checks = {e.check_name: e.passed for e in selection.get_asset_check_evaluations()}
         assert checks["budget_met_with_unique_ids"] and checks["ids_in_registered_shards"]
         assert checks["single_sketch_identity"]
