@@ -87,7 +87,7 @@ def _eval_rows(summary, f1) -> list[dict]:
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="benchmark",
     code_version="1",
     pool="gpu",
     kinds={"pytorch", "mlflow"},

@@ -36,7 +36,7 @@ def _sketch(record: Mapping) -> dict:
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="skmm",
+    group_name="select",
     code_version="1",
     kinds={"numpy"},
     description="One shard's sketched second moment (count, sum g g', sum g), streamed from its sketch file.",
@@ -48,7 +48,7 @@ def shard_moment(context: dg.AssetExecutionContext, gradient_sketch: dict, works
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="select",
     code_version="1",
     kinds={"numpy"},
     description="The pool's sketched second moment: the sum of every shard's, refused across sketch identities.",
@@ -64,7 +64,7 @@ def pool_moment(shard_moment: dict, workspace: Workspace) -> dg.Output[dict]:
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="skmm",
+    group_name="select",
     code_version="1",
     kinds={"numpy"},
     ins={"pool_moment": dg.AssetIn(), "gradient_sketch": dg.AssetIn()},

@@ -11,7 +11,7 @@ from skmm_pipeline.tracking.mlflow_store import artifact_url, dagster_note, run_
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="evaluate",
     code_version="1",
     kinds={"pytorch", "mlflow"},
     description="Finetunes (FT-1 head and/or FT-2 last block + head, settings.finetune_mode) on the SkMM subset, on "

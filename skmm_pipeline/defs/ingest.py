@@ -35,7 +35,7 @@ def shard_contract(workspace: Workspace, settings: SkmmSettings):
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="skmm",
+    group_name="ingest",
     code_version="3",
     kinds={"numpy"},
     description="One delivered shard of the pool, checked against the run's data contract (image shape, task, "

@@ -26,7 +26,7 @@ from skmm_pipeline.evaluation import class_names, shard_shares, subset_grid
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="select",
     code_version="3",
     kinds={"numpy"},
     description="SkMM over all shards: the budget-n subset whose second moment best covers, in the sketch, the "

@@ -25,7 +25,7 @@ from skmm_pipeline.models.small_cnn import accuracy, pretrain
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="sketch",
     code_version="1",
     kinds={"pytorch"},
     description="The pretrained backbone whose head is finetuned: the embedded small CNN trained on digits 0-4, "
@@ -91,7 +91,7 @@ def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id:
 
 @dg.asset(
     partitions_def=shard_partitions,
-    group_name="skmm",
+    group_name="sketch",
     code_version="3",
     pool="gpu",
     kinds={"pytorch"},
@@ -145,7 +145,7 @@ def gradient_sketch(
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="sketch",
     code_version="1",
     kinds={"pytorch"},
     description="The validation split sketched like the pool (same model, map and seed): the second moment "

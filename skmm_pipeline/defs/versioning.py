@@ -11,7 +11,7 @@ from skmm_pipeline.versioning.subsets import SubsetManifest, record_subset_versi
 
 
 @dg.asset(
-    group_name="skmm",
+    group_name="version",
     code_version="1",
     pool="dvc",
     kinds={"dvc", "mlflow"},
