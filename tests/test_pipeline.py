@@ -112,6 +112,10 @@ def test_demo_end_to_end_twice(versioned_project, dagster_home):
         assert instance.get_latest_materialization_event(asset.key) is not None, asset.key
     meta = instance.get_latest_materialization_event(dg.AssetKey("finetune_eval")).asset_materialization.metadata
     assert "results" in meta and "mlflow_run_id" in meta
+    # Both versions on the history plot: as an MLflow artifact, and embedded in the metadata.
+    assert "plots/versions.png" in {a.path for a in MlflowClient(second["mlflow_tracking_uri"]).list_artifacts(
+        second["mlflow_run_id"], "plots")}
+    assert meta["versions_embedded"].value.startswith("![versions](data:image/png;base64,")
 
 
 def test_bad_budget_and_dagster_home_fail_before_any_work(versioned_project, dagster_home, monkeypatch):

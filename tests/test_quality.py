@@ -2,6 +2,7 @@
 
 import math
 
+from skmm_pipeline.defs.evaluation import history_points
 from skmm_pipeline.evaluation import comparable, shard_shares, versus_previous, versus_uniform
 
 
@@ -35,3 +36,16 @@ def test_shard_shares_flag_a_shard_picked_far_beyond_its_rows():
     assert new["over_picked"] and new["pick_share"] == 0.35
     assert not any(r["over_picked"] for r in shard_shares({"a": 20, "b": 20}, {"a": 300, "b": 300}))
     assert shard_shares({"only": 5}, {"only": 50})[0]["z"] == 0.0
+
+
+def test_history_points_take_ft1_else_ft2_and_skip_other_tasks():
+    base = {"task": "classification", "method": "skmm", "n": 40, "pool_size": 537}
+    history = [
+        {**base, "dvc_tag": "subset-v0001", "metrics": {"acc_skmm": 0.9, "acc_uniform_mean": 0.8, "acc_uniform_sem": 0.02}},
+        {**base, "dvc_tag": "subset-v0002", "metrics": {"ft2_acc_skmm": 0.7, "ft2_acc_uniform_mean": 0.6}},
+        {**base, "task": "regression", "dvc_tag": "subset-v0003", "metrics": {"mae_skmm": 1.0}},
+    ]
+    points = history_points(history, "classification")
+    assert [(p["tag"], p["selected"], p["uniform"], p["uniform_sem"]) for p in points] == [
+        ("subset-v0001", 0.9, 0.8, 0.02), ("subset-v0002", 0.7, 0.6, None)]
+    assert [p["tag"] for p in history_points(history, "regression")] == ["subset-v0003"]

@@ -6,8 +6,17 @@ import dagster as dg
 from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.defs.metadata import embedded_image, linked_image, table
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
-from skmm_pipeline.evaluation import comparable, evaluate_selection, subset_grid, versus_previous, versus_uniform
+from skmm_pipeline.evaluation import (
+    comparable,
+    evaluate_selection,
+    history_plot,
+    subset_grid,
+    versus_previous,
+    versus_uniform,
+)
 from skmm_pipeline.tracking.mlflow_store import artifact_url, dagster_note, run_tags, run_url
+
+HISTORY_VERSIONS = 50  # versions drawn in finetune_eval's history plot
 
 
 @dg.asset(
@@ -33,8 +42,10 @@ def finetune_eval(
         finetune_mode=settings.finetune_mode, seed=settings.seed, uniform_repeats=settings.uniform_repeats,
         label_mode=settings.label_mode, backbone=settings.backbone)
     task, rows, metrics, plot = result.task, result.rows, result.metrics, result.plot
-    summary = {"n": result.n, "finetune": settings.finetune_mode, "eval_source": result.eval_source, "task": task}
-    previous = previous_evaluation(context)
+    summary = {"n": result.n, "finetune": settings.finetune_mode, "eval_source": result.eval_source, "task": task,
+               "method": result.method, "pool_size": result.pool_size}
+    history = evaluation_history(context)
+    previous = history[-1] if history else {}
     quality = {
         "vs_uniform": versus_uniform(metrics, task),
         "vs_previous": versus_previous(metrics, previous["metrics"], task) if comparable(summary, previous) else [],
@@ -55,6 +66,8 @@ def finetune_eval(
     plot_name = "mae.png" if task == "regression" else "accuracy.png"
     grid = subset_grid(skmm_selection["sample_ids"], {name: rec["path"] for name, rec in raw_shard.items()},
                        title=f"{subset_version['tag']}: {result.method}, n={result.n} of {result.pool_size}")
+    versions = history_points([*history, {**summary, "metrics": metrics, "dvc_tag": subset_version["tag"]}], task)
+    timeline = history_plot(versions, *(("FT-1 MAE", 1.0) if task == "regression" else ("test accuracy (%)", 100.0)))
     with tracker.run(f"{subset_version['tag']}-{result.method}-n{result.n}", tags=tags) as run:
         run.log_params(params)
         run.log_metrics(metrics)
@@ -62,6 +75,7 @@ def finetune_eval(
         run.log_eval_metrics(result.eval_rows)
         run.log_artifact_bytes(plot_name, plot, "plots")
         run.log_artifact_bytes("subset_grid.png", grid, "plots")
+        run.log_artifact_bytes("versions.png", timeline, "plots")
         run.log_json("results.json", {"rows": rows, "scores": result.scores})
         run.log_json("selection.json", skmm_selection)
     record = {
@@ -84,6 +98,8 @@ def finetune_eval(
             "subset_grid": linked_image("subset grid", artifact_url(mlflow.ui_url, run.run_id, "plots/subset_grid.png")),
             "plot_embedded": embedded_image(plot_name, plot),
             "subset_grid_embedded": embedded_image("subset grid", grid),
+            "versions": linked_image("versions", artifact_url(mlflow.ui_url, run.run_id, "plots/versions.png")),
+            "versions_embedded": embedded_image("versions", timeline),
             "mlflow_run": dg.MetadataValue.url(run_url(mlflow.ui_url, run.experiment_id, run.run_id)),
             **{k: float(v) for k, v in metrics.items()},
             "mlflow_run_id": run.run_id,
@@ -101,17 +117,35 @@ def rows_or_note(rows: list[dict], note: str) -> dg.MetadataValue:
     return table(rows) if rows else dg.MetadataValue.text(note)
 
 
-def previous_evaluation(context: dg.AssetExecutionContext) -> dict:
-    """The last ``finetune_eval`` before this one: ``{"metrics", "dvc_tag", **summary}``, or ``{}``."""
-    event = context.instance.get_latest_materialization_event(context.asset_key)
-    if event is None or event.asset_materialization is None:
-        return {}
-    meta = event.asset_materialization.metadata
-    if "summary" not in meta:
-        return {}
-    metrics = {k: v.value for k, v in meta.items() if isinstance(v, dg.FloatMetadataValue)}
-    tag = meta["dvc_tag"].value if "dvc_tag" in meta else None
-    return {**meta["summary"].value, "metrics": metrics, "dvc_tag": tag}
+def evaluation_history(context: dg.AssetExecutionContext, limit: int = HISTORY_VERSIONS) -> list[dict]:
+    """The ``finetune_eval`` materializations before this one, oldest first: ``{"metrics", "dvc_tag",
+    **summary}`` each (those from before summaries were recorded are left out)."""
+    found = context.instance.fetch_materializations(context.asset_key, limit=limit).records
+    history = []
+    for record in reversed(found):
+        meta = record.asset_materialization.metadata if record.asset_materialization else {}
+        if "summary" not in meta:
+            continue
+        metrics = {k: v.value for k, v in meta.items() if isinstance(v, dg.FloatMetadataValue)}
+        tag = meta["dvc_tag"].value if "dvc_tag" in meta else None
+        history.append({**meta["summary"].value, "metrics": metrics, "dvc_tag": tag})
+    return history
+
+
+def history_points(history: list[dict], task: str) -> list[dict]:
+    """The rows :func:`evaluation.history_plot` draws: each version's subset and uniform score (FT-1, or FT-2
+    when the run had no FT-1), with n and pool size; versions of another task are left out."""
+    short = "mae" if task == "regression" else "acc"
+    points = []
+    for h in history:
+        m = h["metrics"]
+        prefix = "" if f"{short}_skmm" in m else "ft2_"
+        if h.get("task") != task or f"{prefix}{short}_skmm" not in m:
+            continue
+        points.append({"tag": h["dvc_tag"], "method": h.get("method"), "n": h.get("n"), "pool_size": h.get("pool_size"),
+                       "selected": m[f"{prefix}{short}_skmm"], "uniform": m.get(f"{prefix}{short}_uniform_mean"),
+                       "uniform_sem": m.get(f"{prefix}{short}_uniform_sem")})
+    return points
 
 
 @dg.asset_check(
