@@ -16,6 +16,7 @@ def run(args) -> int:
     print(
         "\nOpen the UIs:\n"
         f"  Dagster: DAGSTER_HOME={root}/dagster_home .venv/bin/dagster dev -m skmm_pipeline.definitions\n"
-        f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {db} --port 5000"
+        f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {db} --port 5000\n"
+        f"           then this run, in the model-training view: {record['mlflow_run_url']}"
     )
     return 0
