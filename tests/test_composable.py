@@ -146,6 +146,22 @@ def test_cached_selection_over_files_recomputes_only_the_new_shard(tmp_path):
     assert np.unique(label[picked]).size == 6
 
 
+def test_a_reference_moment_is_matched_and_never_drifts(tmp_path):
+    """With a reference (the validation split), one shard holding every row gives global select with the same
+    reference, and a new shard never makes the old shards' candidates stale, even at tolerance zero."""
+    G, _ = _clusters(4)
+    R = _clusters(5, sizes=(10, 10, 10, 10, 10, 10))[0]
+    whole = _write_shards(tmp_path / "one", G, 1)
+    res = composable_selection(tmp_path / "c1", whole, 15, c=len(G) / 15, reference=R)
+    ids = [f"s000/{i}" for i in select("skmm", G, 15, seed=0, reference=R).indices]
+    assert res["sample_ids"] == ids and res["reference"] == "validation" and res["pool_size"] == len(G)
+    records = _write_shards(tmp_path / "sk", G, 4)
+    new = {"s003": records.pop("s003")}
+    composable_selection(tmp_path / "c4", records, 15, c=2, reference=R)
+    grown = composable_selection(tmp_path / "c4", {**records, **new}, 15, c=2, reference=R, tolerance=0.0)
+    assert grown["recomputed"] == ["s003"]
+
+
 def test_cached_selection_refuses_mixed_identities(tmp_path):
     G, _ = _clusters(0)
     records = _write_shards(tmp_path / "a", G[:600], 2, {"seed": 0})
@@ -155,8 +171,8 @@ def test_cached_selection_refuses_mixed_identities(tmp_path):
 
 
 def test_dagster_lineage_in_composable_mode_recomputes_only_a_new_shard(project, dagster_home):
-    settings = SkmmSettings(budget=10, pretrain_epochs=1, selection_mode="composable", composable_c=2.0,
-                            composable_tolerance=1.0)  # 1 shard joining 3 moves the moment ~0.1: reuse is tested here
+    # The default tolerance: the candidates match the validation split's moment, which a new shard does not move.
+    settings = SkmmSettings(budget=10, pretrain_epochs=1, selection_mode="composable", composable_c=2.0)
     defs = build_definitions(project, settings=settings)
     instance = dg.DagsterInstance.get()
     names = write_digits_shards(project / ".skmm" / "landing", 4)
@@ -176,16 +192,18 @@ def test_dagster_lineage_in_composable_mode_recomputes_only_a_new_shard(project,
         run(["pool_moment"])
         computed = {p: run(["shard_candidates"], p).asset_materializations_for_node("shard_candidates")[0]
                     .metadata["computed"].value for p in sorted(instance.get_dynamic_partitions("shards"))}
-        selection = run(["validation_sketch", "skmm_selection"])
+        selection = run(["skmm_selection"])
         checks = {e.check_name: e.passed for e in selection.get_asset_check_evaluations()}
         assert checks["budget_met_with_unique_ids"] and checks["ids_in_registered_shards"]
         assert checks["single_sketch_identity"]
         return computed, selection.output_for_node("skmm_selection")
 
     assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+    run(["validation_sketch"])  # the moment the candidates are chosen against (settings.reference)
     computed, first = grow(names[:3])
     assert computed == dict.fromkeys(names[:3], True)
     assert first["selection_mode"] == "composable" and first["composable"]["c"] == 2.0
+    assert first["reference"] == "validation"
     assert sorted(first["composable"]["candidate_sets"]) == names[:3]
     assert first["composable"]["recomputed"] == []  # the merge found every shard's candidates made by the assets
     assert len(set(first["sample_ids"])) == 10 and {s.split("/")[0] for s in first["sample_ids"]} <= set(names[:3])

@@ -32,6 +32,7 @@ from skmm_pipeline.core.composable import (
     moment_drift,
     pool_moment,
     shard_candidates,
+    shard_moment,
     shard_moment_from_file,
     shard_seed,
 )
@@ -109,13 +110,22 @@ def cached_candidates(cache: Path, name: str, record: Mapping, target: ShardMome
     return cs, True
 
 
+def selection_target(pool: ShardMoment, reference=None) -> ShardMoment:
+    """The moment the candidates and the merge match: the pool's, or that of ``reference`` rows (e.g. the
+    validation split sketched like the pool), which does not move as shards arrive."""
+    return pool if reference is None else shard_moment(reference, pool.identity)
+
+
 def composable_selection(cache: Path, records: Mapping[str, Mapping], n: int, *, c: float = DEFAULT_C,
-                         rule: str = DEFAULT_RULE, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+                         rule: str = DEFAULT_RULE, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE,
+                         reference=None) -> dict:
     """Select ``n`` sample ids from the union of the shards' candidates (computing only what the cache lacks
-    or what moved beyond ``tolerance``). Returns ``sample_ids``, ``candidate_sets`` (shard -> the set's
-    key), ``recomputed`` / ``reused`` shard names and ``diagnostics`` (with seconds per stage)."""
+    or what moved beyond ``tolerance``), matching the pool's moment or ``reference``'s (rows sketched like
+    the pool). Returns ``sample_ids``, ``candidate_sets`` (shard -> the set's key), ``recomputed`` /
+    ``reused`` shard names and ``diagnostics`` (with seconds per stage)."""
     t0 = time.perf_counter()
-    target, moments_computed = pool_moment_of(cache, records)
+    pool, moments_computed = pool_moment_of(cache, records)
+    target = selection_target(pool, reference)
     t1 = time.perf_counter()
     sets, recomputed = {}, []
     for name in sorted(records):
@@ -140,8 +150,9 @@ def composable_selection(cache: Path, records: Mapping[str, Mapping], n: int, *,
         "recomputed": recomputed,
         "reused": sorted(set(records) - set(recomputed)),
         "moments_computed": moments_computed,
-        "pool_size": int(target.count),
-        "identity": target.identity,
+        "pool_size": int(pool.count),
+        "identity": pool.identity,
+        "reference": "pool" if reference is None else "validation",
         "moment_version": json_hash(np.round(target.sigma, 12).ravel().tolist()),
         "diagnostics": {
             **merged.diagnostics, "c": float(c), "rule": rule, "tolerance": float(tolerance),

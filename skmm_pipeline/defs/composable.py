@@ -20,8 +20,9 @@ from skmm_pipeline.data.composable import (
     composable_selection,
     pool_moment_of,
     resolve_mode,
+    selection_target,
 )
-from skmm_pipeline.data.pool import picked_per_shard
+from skmm_pipeline.data.pool import picked_per_shard, reference_rows
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 
@@ -67,14 +68,16 @@ def pool_moment(shard_moment: dict, workspace: Workspace) -> dg.Output[dict]:
     group_name="select",
     code_version="1",
     kinds={"numpy"},
-    ins={"pool_moment": dg.AssetIn(), "gradient_sketch": dg.AssetIn()},
-    description="One shard's ceil(c n) candidates chosen against the pool's moment; reused while the moment "
-    "stays within settings.composable_tolerance of the one they were chosen against.",
+    ins={"pool_moment": dg.AssetIn(), "gradient_sketch": dg.AssetIn(), "validation_sketch": dg.AssetIn()},
+    description="One shard's ceil(c n) candidates chosen against the moment the selection matches (the validation "
+    "split's or the pool's, settings.reference); reused while that moment stays within "
+    "settings.composable_tolerance of the one they were chosen against (the validation split's does not move).",
 )
 def shard_candidates(context: dg.AssetExecutionContext, pool_moment: dict, gradient_sketch: dict,
-                     settings: SkmmSettings, workspace: Workspace) -> dg.Output[dict]:
+                     validation_sketch: dict, settings: SkmmSettings, workspace: Workspace) -> dg.Output[dict]:
     cache = cache_dir(workspace, gradient_sketch)
-    target, _ = pool_moment_of(cache, pool_moment["shards"])  # from the cached shard moments
+    pool, _ = pool_moment_of(cache, pool_moment["shards"])  # from the cached shard moments
+    target = selection_target(pool, reference_rows(validation_sketch, gradient_sketch["identity"], settings.method))
     cands, computed = cached_candidates(cache, context.partition_key, gradient_sketch, target, settings.budget,
                                         c=settings.composable_c, seed=settings.seed,
                                         tolerance=settings.composable_tolerance)
@@ -89,12 +92,13 @@ def selection_mode(settings: SkmmSettings, gradient_sketch: Mapping[str, Mapping
                         outlier_guard=settings.outlier_guard)
 
 
-def composable_output(gradient_sketch: Mapping[str, Mapping], settings: SkmmSettings, workspace: Workspace
-                      ) -> dg.Output[dict]:
+def composable_output(gradient_sketch: Mapping[str, Mapping], validation_sketch: Mapping, settings: SkmmSettings,
+                      workspace: Workspace) -> dg.Output[dict]:
     """``skmm_selection`` in composable mode: the merge over every shard's (cached) candidates."""
     first = gradient_sketch[min(gradient_sketch)]
+    reference = reference_rows(validation_sketch, first["identity"], settings.method)
     res = composable_selection(cache_dir(workspace, first), gradient_sketch, settings.budget, c=settings.composable_c,
-                               seed=settings.seed, tolerance=settings.composable_tolerance)
+                               seed=settings.seed, tolerance=settings.composable_tolerance, reference=reference)
     chosen = res["sample_ids"]
     shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
     fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
@@ -103,8 +107,7 @@ def composable_output(gradient_sketch: Mapping[str, Mapping], settings: SkmmSett
         "sample_ids": chosen, "weights": [1.0 / len(chosen)] * len(chosen), "sketch_identity": res["identity"],
         "shards": shards, "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
         "sketch_fingerprint": fingerprint, "diagnostics": res["diagnostics"], "selection_mode": "composable",
-        # The shards' candidates and the merge are chosen against the pool's moment, whatever settings.reference says.
-        "reference": "pool",
+        "reference": res["reference"],
         "composable": {"c": settings.composable_c, "tolerance": settings.composable_tolerance,
                        "candidate_sets": res["candidate_sets"], "recomputed": res["recomputed"],
                        "moment_version": res["moment_version"]},
@@ -112,7 +115,7 @@ def composable_output(gradient_sketch: Mapping[str, Mapping], settings: SkmmSett
     d = res["diagnostics"]
     return dg.Output(record, data_version=dg.DataVersion(json_hash(chosen)), metadata={
         "n": len(chosen), "pool_size": res["pool_size"], "method": settings.method, "selection_mode": "composable",
-        "reference": "pool",
+        "reference": res["reference"],
         "moment_ratio": float(d["moment_ratio"]), "select_seconds": float(d["select_seconds"]),
         "candidates": int(d["candidates"]), "candidates_recomputed": dg.MetadataValue.json(res["recomputed"]),
         "picked_per_shard": dg.MetadataValue.json(picked_per_shard(chosen, shards)), "sketch_fingerprint": fingerprint,

@@ -31,14 +31,14 @@ from skmm_pipeline.evaluation import class_names, shard_shares, subset_grid
     kinds={"numpy"},
     description="SkMM over all shards: the budget-n subset whose second moment best covers, in the sketch, the "
     "validation split's (settings.reference 'validation', the default) or the pool's ('pool'); joined globally, or "
-    "merged from the shards' candidates (settings.selection_mode; that mode matches the pool's moment).",
+    "merged from the shards' candidates (settings.selection_mode).",
 )
 def skmm_selection(
     context: dg.AssetExecutionContext, gradient_sketch: dict, validation_sketch: dict, settings: SkmmSettings,
     workspace: Workspace,
 ) -> dg.Output[dict]:
     if selection_mode(settings, gradient_sketch) == "composable":
-        return composable_output(gradient_sketch, settings, workspace)
+        return composable_output(gradient_sketch, validation_sketch, settings, workspace)
     G, ids, identity = load_sketches(gradient_sketch)
     reference = reference_rows(validation_sketch, identity, settings.method)
     guard = {}
