@@ -31,7 +31,7 @@ JOBS = [
     dg.define_asset_job("pretrain", selection=["pretrained_model"]),
     dg.define_asset_job("sketch_shard", selection=["raw_shard", "gradient_sketch"], partitions_def=shard_partitions),
     dg.define_asset_job("reselect", selection=["validation_sketch", "skmm_selection", "subset_version", "finetune_eval"]),
-    dg.define_asset_job("benchmark", selection=["selection_benchmark"]),
+    dg.define_asset_job("benchmark", selection=["method_benchmark"]),
 ]
 
 

@@ -54,7 +54,7 @@ def run_demo(
 ) -> dict:
     """Register the embedded shards and materialize the whole graph; returns finetune_eval's record.
 
-    ``benchmark``: then also run the ``benchmark`` job (``selection_benchmark``, run config
+    ``benchmark``: then also run the ``benchmark`` job (``method_benchmark``, run config
     ``benchmark_config``, e.g. ``{"seeds": 3}``); its record is returned under ``"benchmark"``.
     ``log`` receives what happens, including the long steps' progress lines (``core.progress``).
     """
@@ -110,9 +110,9 @@ def _run_demo(root, budget, seed, n_shards, pretrain_epochs, finetune_mode, log,
     if benchmark:
         config = dict(benchmark_config or {})
         what = ", ".join(f"{k}={v}" for k, v in config.items()) or "defaults"
-        bench = run("benchmark", f"selection_benchmark ({what}): every method x budget x seed -> MLflow",
-                    run_config={"ops": {"selection_benchmark": {"config": config}}})
-        record["benchmark"] = bench.output_for_node("selection_benchmark")
+        bench = run("benchmark", f"method_benchmark ({what}): every method x budget x seed -> MLflow",
+                    run_config={"ops": {"method_benchmark": {"config": config}}})
+        record["benchmark"] = bench.output_for_node("method_benchmark")
     return record
 
 
@@ -152,7 +152,7 @@ def quality_lines(quality: dict) -> list[str]:
 
 
 def format_benchmark(bench: dict) -> str:
-    """The selection_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
+    """The method_benchmark record as text: one mean ± s.e.m. table and one paired-z table per group."""
     summary = pd.DataFrame(bench["summary"])
     for col in ("mean", "sem", "diff", "diff_sem", "z"):
         summary[col] = pd.to_numeric(summary[col], errors="coerce")

@@ -1,4 +1,4 @@
-"""The method comparison core (real selections, real linear probes) and the selection_benchmark asset."""
+"""The method comparison core (real selections, real linear probes) and the method_benchmark asset."""
 
 import base64
 import json
@@ -179,7 +179,7 @@ def test_benchmark_config_is_checked_before_any_work():
             check_config(BenchmarkConfig(**bad))
 
 
-def test_selection_benchmark_asset(project, tmp_path):
+def test_method_benchmark_asset(project, tmp_path):
     from skmm_pipeline.data.digits import write_digits_shards
     from skmm_pipeline.data.pool import load_sketches
     from skmm_pipeline.data.shards import read_shard
@@ -200,10 +200,10 @@ def test_selection_benchmark_asset(project, tmp_path):
             done = defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=name)
             sketch_records[name] = done.output_for_node("gradient_sketch")
         result = defs.resolve_job_def("benchmark").execute_in_process(
-            instance=instance, run_config={"ops": {"selection_benchmark": {"config": config}}})
+            instance=instance, run_config={"ops": {"method_benchmark": {"config": config}}})
         assert result.success
-        record = result.output_for_node("selection_benchmark")
-        meta = instance.get_latest_materialization_event(dg.AssetKey("selection_benchmark")).asset_materialization.metadata
+        record = result.output_for_node("method_benchmark")
+        meta = instance.get_latest_materialization_event(dg.AssetKey("method_benchmark")).asset_materialization.metadata
 
     # Metadata: the Markdown tables, the inline plot, what was run and what failed.
     table = meta["results"].value
@@ -227,13 +227,13 @@ def test_selection_benchmark_asset(project, tmp_path):
     # MLflow: a finished run with the parameters, per-method metrics and the artifacts.
     client = MlflowClient(record["mlflow_tracking_uri"])
     run = client.get_run(record["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["dagster.asset"] == "selection_benchmark"
+    assert run.info.status == "FINISHED" and run.data.tags["dagster.asset"] == "method_benchmark"
     assert run.data.params["finetune"] == "both" and json.loads(run.data.params["seeds"]) == [0, 1]
     assert 0 < run.data.metrics["test_accuracy/skmm"] <= 1 and 0 < run.data.metrics["test_accuracy/ft2_skmm-cb"] <= 1
     assert run.data.metrics["failed_runs"] == 8
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
     assert artifacts == {"benchmark/results.csv", "benchmark/summary.csv", "benchmark/summary.md"}
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/selection_benchmark.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/method_benchmark.png"]
     rows = pd.read_csv(client.download_artifacts(run.info.run_id, "benchmark/results.csv", str(tmp_path)))
     assert len(rows) == 40 and set(rows.group) == {"label-free", "label-using"}
     assert set(rows[rows.finetune == "FT-2"].status) == {"ok", "failed"} and rows.lr.notna().sum() == 16

@@ -37,7 +37,7 @@ def test_definitions_load_and_selection_parser_works(tmp_path):
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"raw_shard", "pretrained_model", "gradient_sketch", "validation_sketch", "skmm_selection",
-                    "subset_version", "finetune_eval", "selection_benchmark", "shard_moment", "pool_moment",
+                    "subset_version", "finetune_eval", "method_benchmark", "shard_moment", "pool_moment",
                     "shard_candidates"}
     for job in ("import_data", "pretrain", "sketch_shard", "reselect", "benchmark"):
         defs.resolve_job_def(job)

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune", default="ft1", choices=["ft1", "ft2", "both"],
                    help="evaluation: FT-1 (head on frozen features), FT-2 (last block + head), or both")
     d.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=True,
-                   help="then run the benchmark job (selection_benchmark): every selection method x budgets "
+                   help="then run the benchmark job (method_benchmark): every selection method x budgets "
                    "10-160 x seeds, FT-1, label-free and label-using groups, logged to MLflow; about 1-2 minutes "
                    "on 2 CPU cores (default: on)")
     d.add_argument("--benchmark-seeds", type=int, default=defaults.BENCHMARK_SEEDS, metavar="K",

@@ -1,4 +1,4 @@
-"""``selection_benchmark``: every registered selection method on the pipeline's pool, budgets x seeds.
+"""``method_benchmark``: every registered selection method on the pipeline's pool, budgets x seeds.
 
 Reads the same inputs as ``skmm_selection``/``finetune_eval`` (the registered shards, the pretrained
 model and the shard sketches), runs ``evaluation.compare`` and reports mean ± s.e.m. per method
@@ -32,7 +32,7 @@ from skmm_pipeline.tracking.mlflow_store import run_tags
 
 
 class BenchmarkConfig(dg.Config):
-    """What the benchmark compares (run config of ``selection_benchmark``)."""
+    """What the benchmark compares (run config of ``method_benchmark``)."""
 
     budgets: list[int] = list(defaults.BENCHMARK_BUDGETS)
     # Seeds settings.seed, settings.seed + 1, ...; each fixes the sketch, the selection and the training.
@@ -51,7 +51,7 @@ class BenchmarkConfig(dg.Config):
     cpu_threads: int = 1
 
 
-CLASSIFICATION_ONLY = ("selection_benchmark is classification-only (accuracy, class-balanced methods); evaluate a "
+CLASSIFICATION_ONLY = ("method_benchmark is classification-only (accuracy, class-balanced methods); evaluate a "
                        "regression pool with finetune_eval (MAE)")
 
 
@@ -95,7 +95,7 @@ def _eval_rows(summary, f1) -> list[dict]:
     "chosen on validation) and scored on test: mean ± s.e.m. per group (label-free / label-using), paired "
     "difference to uniform, a plot; logged to MLflow.",
 )
-def selection_benchmark(
+def method_benchmark(
     context: dg.AssetExecutionContext,
     config: BenchmarkConfig,
     raw_shard: dict,
@@ -112,7 +112,7 @@ def selection_benchmark(
         raise InputError(f"{CLASSIFICATION_ONLY}: {ev.describe()}")
     data = cmp.load_labelled_pool(
         raw_shard, pretrained_model["path"], settings.device,
-        "selection_benchmark needs labelled shards to train and to score the subsets", regression_error=CLASSIFICATION_ONLY)
+        "method_benchmark needs labelled shards to train and to score the subsets", regression_error=CLASSIFICATION_ONLY)
     device, model, ids, labels, images = data.device, data.model, data.ids, data.y, data.images
     G, sketch_ids, identity = load_sketches(gradient_sketch)
     if list(sketch_ids) != ids:
@@ -137,7 +137,7 @@ def selection_benchmark(
     if config.finetune != "ft1":
         prefix, tail = finetune_split(model, "ft2")
         ft2 = cmp.FT2Setup(prefix, tail, device=device)
-    context.log.info(f"selection_benchmark: {len(specs)} methods x {len(config.budgets)} budgets x {len(seeds)} seeds "
+    context.log.info(f"method_benchmark: {len(specs)} methods x {len(config.budgets)} budgets x {len(seeds)} seeds "
                      f"({config.finetune}) on a pool of {len(ids)}")
     df = cmp.compare(pool, val, test, specs, config.budgets, seeds, sketch=sketches, finetune=config.finetune, ft2=ft2,
                      full_pool=config.full_pool, progress=context.log.info, threads=config.cpu_threads or None,
@@ -157,14 +157,14 @@ def selection_benchmark(
         "backbone": settings.backbone, "eval_splits": ev.source,
     }
     tracker = mlflow.tracker()
-    with tracker.run("selection_benchmark", tags=run_tags(context.run_id, "selection_benchmark")) as run:
+    with tracker.run("method_benchmark", tags=run_tags(context.run_id, "method_benchmark")) as run:
         run.log_params(params)
         run.log_eval_metrics(_eval_rows(summary, f1))
         run.log_metrics({"failed_runs": len(failed), "runs": len(df), "seconds": seconds})
         run.log_artifact_bytes("results.csv", df.to_csv(index=False).encode(), "benchmark")
         run.log_artifact_bytes("summary.csv", summary.to_csv(index=False).encode(), "benchmark")
         run.log_artifact_bytes("summary.md", table.encode(), "benchmark")
-        run.log_artifact_bytes("selection_benchmark.png", plot, "plots")
+        run.log_artifact_bytes("method_benchmark.png", plot, "plots")
     record = {
         "summary": cmp.to_json_records(summary),
         "budgets": list(config.budgets),
