@@ -22,7 +22,7 @@ from skmm_pipeline.defs.automation import scan_landing
 from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
-from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
+from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs, remove_orphan_files
 
 
 def dagster_home() -> Path:
@@ -76,7 +76,9 @@ def run_demo(
 
     instance = dg.DagsterInstance.get()
     # A run killed earlier would hold its pool slot forever and block every step of that pool.
-    recover_dead_runs(instance, fail_mlflow_runs(defs.resources["mlflow"].tracker()), log)
+    mark_mlflow = fail_mlflow_runs(defs.resources["mlflow"].tracker())
+    recover_dead_runs(instance, mark_mlflow, log)
+    remove_orphan_files(instance, [workspace.landing, workspace.evaluation, workspace.artifacts], log)
     known = set(instance.get_dynamic_partitions(shard_partitions.name))
     new = [n for n in names if n not in known]
     if new:

@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.core.outliers import lacks_structure
 from skmm_pipeline.data.contract import ShardContract, ShardHashes
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
@@ -49,6 +50,7 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
     shard_contract(workspace, settings).check(shard)
     sha = file_sha256(path)
     ShardHashes(workspace.artifacts / "shard_hashes.json").admit(name, path, sha)
+    kill_point("raw_shard_registered")
     scores = structure_scores(workspace.artifacts / "input_structure", path, name, sha, shard.images)
     record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images)), "signature": signature}
     meta = {
