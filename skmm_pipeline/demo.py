@@ -7,6 +7,7 @@ metadata appear in the Dagster UI afterwards.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -23,6 +24,7 @@ from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs, remove_orphan_files
+from skmm_pipeline.watch import execute_watched
 
 
 def dagster_home() -> Path:
@@ -90,8 +92,12 @@ def run_demo(
     def run(job: str, what: str, **kw):
         log(f"[skmm] {what}")
         run_config = {**QUIET, **kw.pop("run_config", {})}
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=run_config,
-                                                              tags=process_tags(), **kw)
+        run_id = str(uuid.uuid4())
+        job_def = defs.resolve_job_def(job)
+        # Watched: a wait for a pool slot is reported on the console, and Ctrl-C stops the run at once.
+        result = execute_watched(lambda: job_def.execute_in_process(instance=instance, run_config=run_config,
+                                                                    tags=process_tags(), run_id=run_id, **kw),
+                                 instance, run_id, job, log, mark_mlflow)
         if not result.success:
             raise RuntimeError(f"job {job!r} failed (run {result.run_id}); see the Dagster UI for the error")
         return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from skmm_pipeline.core import defaults
@@ -153,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SkmmError, *FILE_ERRORS) as exc:  # one clear line; the traceback is noise for these
         print(f"skmm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: leave at once, not after the work still running in a worker thread (the
+        # demo's watched runs); what it was writing is left as a kill leaves it, for the next run to recover.
+        print("skmm: interrupted; the next run finishes or rolls back what this one left half done", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":
