@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None,
                     help="seed of the delivery's variants (default: a fresh one, printed and recorded)")
     sa.set_defaults(run="shards_cmd:run_add")
+    sr = shsub.add_parser("replace", help="accept a shard rewritten in place as replacing its earlier content "
+                          "(refused until then: its sketches and subset versions were made on the old one)")
+    sr.add_argument("name", help="the shard's name (its file is <landing>/<name>.npz)")
+    sr.add_argument("--root", default=".", help="project root; default: current directory")
+    sr.set_defaults(run="shards_cmd:run_replace")
     si = shsub.add_parser("import", help="import a local dataset (CIFAR-10, ImageFolder, CSV) as pool shards "
                           "and/or evaluation splits (the import_data job, from the command line)")
     si.add_argument("--root", default=".", help="project root; default: current directory")
