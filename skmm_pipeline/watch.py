@@ -73,7 +73,8 @@ def execute_watched(execute: Callable[[], T], instance: dg.DagsterInstance, run_
         raise KeyboardInterrupt
 
     worker = threading.Thread(target=work, name=f"skmm-{job}", daemon=True)
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    main = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     interval = report_interval()
     since = next_report = None  # when the current wait began; when it is reported next
     try:
@@ -91,13 +92,15 @@ def execute_watched(execute: Callable[[], T], instance: dg.DagsterInstance, run_
                     "far (Ctrl-C stops it)")
     except KeyboardInterrupt:
         # Interrupt the worker too: it unwinds through Dagster, which gives back the slots it claimed.
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(KeyboardInterrupt))
-        worker.join(timeout=STOP_GRACE_S)
+        if worker.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(KeyboardInterrupt))
+            worker.join(timeout=STOP_GRACE_S)
         stop_run(instance, run_id, "interrupted (Ctrl-C or SIGTERM) while it ran", mark_mlflow)
         log(f"[skmm] interrupted: run {run_id[:8]} ({job}) marked canceled and its pool slots freed")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
