@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--seed", type=int)
     si.add_argument("--on-corrupt", choices=["skip", "raise"], help="default skip")
     si.add_argument("--overwrite-eval", action="store_true", help="replace an existing val.npz / test.npz")
+    si.add_argument("--replace", action="store_true",
+                    help="replace existing pool shards of the same names (recorded as replacing their old content)")
     si.add_argument("--backbone", default="small_cnn",
                     help="transform images for this backbone (as settings.backbone; default small_cnn)")
     si.add_argument("--image-size", type=int, default=224, help="input size for torchvision backbones")

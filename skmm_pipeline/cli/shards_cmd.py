@@ -31,10 +31,12 @@ def run_import(args) -> int:
     # The request's fields and defaults live in ImportRequest; the parser leaves unset options as None.
     given = {f.name: getattr(args, f.name) for f in fields(ImportRequest) if getattr(args, f.name, None) is not None}
     req = ImportRequest(**given)
-    res = import_dataset(req, ws.landing, ws.evaluation, default_transform(args.backbone, args.image_size))
+    res = import_dataset(req, ws.landing, ws.evaluation, default_transform(args.backbone, args.image_size),
+                         ShardHashes(ws.artifacts / "shard_hashes.json"))
     for name, rows in res.rows.items():
         where = ws.landing if name in res.shards else ws.evaluation
-        print(f"wrote {where / (name + '.npz')} ({rows} images)")
+        print(f"wrote {where / (name + '.npz')} ({rows} images)" + (", replacing the shard of that name"
+                                                                      if name in res.replaced else ""))
     print(f"{res.task}; {res.skipped} unreadable images skipped. The running `shard_sensor` (dagster dev) registers "
           "and sketches new shards; or run the `import_data` job from the UI, which registers them itself.")
     return 0

@@ -84,6 +84,8 @@ class ImportConfig(dg.Config):
     seed: int = Field(default=_REQUEST["seed"], description="fixes the held-out split")
     on_corrupt: str = Field(default=_REQUEST["on_corrupt"], description="skip (count and log unreadable images) or raise")
     overwrite_eval: bool = Field(default=_REQUEST["overwrite_eval"], description="replace an existing val.npz / test.npz")
+    replace: bool = Field(default=_REQUEST["replace"], description="replace existing pool shards of the same names "
+                          "(recorded as replacing their old content)")
     path_column: str = Field(default=_REQUEST["path_column"], description="csv only")
     target_column: str = Field(default=_REQUEST["target_column"], description="csv only")
 
@@ -93,7 +95,8 @@ def import_dataset_op(context: dg.OpExecutionContext, config: ImportConfig, sett
                       workspace: Workspace) -> dict:
     req = ImportRequest(**config.model_dump())
     result = import_dataset(req, workspace.landing, workspace.evaluation,
-                            default_transform(settings.backbone, settings.image_size))
+                            default_transform(settings.backbone, settings.image_size),
+                            ShardHashes(workspace.artifacts / "shard_hashes.json"))
     if result.shards:
         context.instance.add_dynamic_partitions(shard_partitions.name, result.shards)
     summary = {"task": result.task, "shards": result.shards, "rows": result.rows, "skipped_images": result.skipped,
