@@ -7,6 +7,7 @@ metadata appear in the Dagster UI afterwards.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -23,7 +24,8 @@ from skmm_pipeline.defs.automation import scan_landing
 from skmm_pipeline.defs.benchmark_assets import BenchmarkConfig, check_config
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
-from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs
+from skmm_pipeline.recovery import fail_mlflow_runs, process_tags, recover_dead_runs, remove_orphan_files
+from skmm_pipeline.watch import execute_watched
 
 
 def dagster_home() -> Path:
@@ -83,7 +85,9 @@ def _run_demo(root, budget, seed, n_shards, pretrain_epochs, finetune_mode, log,
 
     instance = dg.DagsterInstance.get()
     # A run killed earlier would hold its pool slot forever and block every step of that pool.
-    recover_dead_runs(instance, fail_mlflow_runs(defs.resources["mlflow"].tracker()), log)
+    mark_mlflow = fail_mlflow_runs(defs.resources["mlflow"].tracker())
+    recover_dead_runs(instance, mark_mlflow, log)
+    remove_orphan_files(instance, [workspace.landing, workspace.evaluation, workspace.artifacts], log)
     known = set(instance.get_dynamic_partitions(shard_partitions.name))
     new = [n for n in names if n not in known]
     if new:
@@ -95,8 +99,12 @@ def _run_demo(root, budget, seed, n_shards, pretrain_epochs, finetune_mode, log,
     def run(job: str, what: str, **kw):
         log(f"[skmm] {what}")
         run_config = {**QUIET, **kw.pop("run_config", {})}
-        result = defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=run_config,
-                                                              tags=process_tags(), **kw)
+        run_id = str(uuid.uuid4())
+        job_def = defs.resolve_job_def(job)
+        # Watched: a wait for a pool slot is reported on the console, and Ctrl-C stops the run at once.
+        result = execute_watched(lambda: job_def.execute_in_process(instance=instance, run_config=run_config,
+                                                                    tags=process_tags(), run_id=run_id, **kw),
+                                 instance, run_id, job, log, mark_mlflow)
         if not result.success:
             raise RuntimeError(f"job {job!r} failed (run {result.run_id}); see the Dagster UI for the error")
         return result

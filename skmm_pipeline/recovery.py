@@ -7,17 +7,22 @@ as running but whose process is gone, marks them failed with that reason, frees 
 slots they held (otherwise every later step of the ``gpu`` or ``dvc`` pool waits for them forever),
 and fails the MLflow runs they left RUNNING. Runs launched by the Dagster daemon (the UI, sensors,
 schedules) are watched by Dagster's run monitoring instead (``dagster_home/dagster.yaml``), which
-also frees the slots of runs that ended without releasing them.
+also frees the slots of runs that ended without releasing them. :func:`remove_orphan_files` then
+deletes the temporary files that writers killed before their rename left in the workspace.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Callable, Iterable
 
 import dagster as dg
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
+
+from skmm_pipeline.core.atomic import remove_orphan_temps
 
 PID_TAG = "skmm/process"
 ACTIVE = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
@@ -96,3 +101,19 @@ def fail_mlflow_runs(tracker) -> Callable[[str], int]:
         return len(runs)
 
     return mark
+
+
+def remove_orphan_files(instance: dg.DagsterInstance, folders: Iterable[Path],
+                        log: Callable[[str], None] = print) -> int:
+    """Delete the temporary files (``core.atomic``) under ``folders`` older than every run still active
+    and than this call, that no process has open: a live writer's are never older than its run.
+    Returns how many were removed."""
+    before = time.time()
+    for record in instance.get_run_records(filters=RunsFilter(statuses=ACTIVE)):
+        if record.start_time:
+            before = min(before, record.start_time)
+    removed = remove_orphan_temps(folders, before)
+    if removed:
+        log(f"[skmm] removed {len(removed)} temporary file(s) left by killed writers: "
+            + ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
+    return len(removed)

@@ -2,10 +2,17 @@
 
 import os
 import stat
+import time
 
 import pytest
 
-from skmm_pipeline.core.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from skmm_pipeline.core.atomic import (
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_orphan_temps,
+    temp_path,
+)
 
 
 def test_atomic_writes_keep_the_file_mode_and_leave_no_temp_files(tmp_path):
@@ -30,3 +37,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_remove_orphan_temps_removes_only_old_unheld_temporary_files(tmp_path):
+    old, held, new = (temp_path(tmp_path / "sub" / name) for name in ("a.npy", "b.npy", "c.npy"))
+    (tmp_path / "sub" / "a.npy").write_bytes(b"published")  # not a temporary file: never touched
+    for p in (old, held):
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    with open(held, "rb"):  # a live writer has it open
+        removed = remove_orphan_temps([tmp_path], before=time.time() - 60)
+    assert removed == [old] and held.exists() and new.exists() and (tmp_path / "sub" / "a.npy").exists()

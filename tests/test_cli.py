@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from skmm_pipeline.core.errors import ShardError
 from skmm_pipeline.core.sketch_io import save_sketch_shard
+from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.pool import load_sketches
+from skmm_pipeline.data.shards import file_sha256, write_shard
 
 
 def skmm(*args, cwd=None, env=None):
@@ -198,3 +201,18 @@ def test_select_with_a_reference_matches_its_moment_and_refuses_a_misshapen_one(
     proc = skmm("select", "--input", str(tmp_path / "X.npy"), "--n", "10", "--reference", str(tmp_path / "bad.npy"),
                 "--output", str(tmp_path / "idx2.npy"))
     assert proc.returncode == 2 and "12 columns" in proc.stderr
+
+
+def test_shards_replace_accepts_a_shard_rewritten_in_place(tmp_path):
+    landing = tmp_path / ".skmm" / "landing"
+    write_shard(landing / "s.npz", np.zeros((3, 1, 8, 8)), np.arange(3))
+    hashes = ShardHashes(tmp_path / ".skmm" / "artifacts" / "shard_hashes.json")
+    hashes.admit("s", landing / "s.npz", file_sha256(landing / "s.npz"))
+    write_shard(landing / "s.npz", np.ones((3, 1, 8, 8)) * 0.5, np.arange(3))
+    with pytest.raises(ShardError, match="rewritten in place"):
+        hashes.admit("s", landing / "s.npz", file_sha256(landing / "s.npz"))
+    ok = skmm("shards", "replace", "s", "--root", str(tmp_path))
+    assert ok.returncode == 0 and "now replaces" in ok.stdout, ok.stderr
+    hashes.admit("s", landing / "s.npz", file_sha256(landing / "s.npz"))
+    missing = skmm("shards", "replace", "gone", "--root", str(tmp_path))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "shard 'gone'" in missing.stderr

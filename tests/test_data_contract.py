@@ -75,8 +75,15 @@ def test_a_copy_of_an_admitted_shard_is_refused_by_name(tmp_path):
         hashes.admit("second", landing / "second.npz", sha["second"])
     hashes.admit("third", landing / "third.npz", sha["third"])
     assert set(json.loads((tmp_path / "cache.json").read_text())) == {"first", "third"}
-    write_shard(landing / "third.npz", x[::-1] * 0.5, np.arange(5))  # rewritten in place: admitted anew
-    hashes.admit("third", landing / "third.npz", file_sha256(landing / "third.npz"))
+    write_shard(landing / "third.npz", x[::-1] * 0.5, np.arange(5))  # rewritten in place: refused until replaced
+    new_sha = file_sha256(landing / "third.npz")
+    with pytest.raises(ShardError, match=f"shard 'third' was rewritten in place: its content \\(sha256 {new_sha[:12]}\\) "
+                       f"is not the one admitted \\(sha256 {sha['third'][:12]}\\).*skmm shards replace third") as exc:
+        hashes.admit("third", landing / "third.npz", new_sha)
+    assert len(str(exc.value).splitlines()) == 1
+    assert hashes.replace("third", landing / "third.npz") == (sha["third"], new_sha)
+    hashes.admit("third", landing / "third.npz", new_sha)
+    assert [r["sha256"] for r in json.loads((tmp_path / "cache.json").read_text())["third"]["replaced"]] == [sha["third"]]
     (landing / "first.npz").unlink()  # the original is gone: its copy is no longer one
     hashes.admit("second", landing / "second.npz", sha["second"])
     assert set(json.loads((tmp_path / "cache.json").read_text())) == {"second", "third"}
@@ -100,5 +107,11 @@ def test_bad_shards_are_refused_as_they_land_and_nothing_is_sketched(project):
                          ("rgb", r"images are \(3, 8, 8\) per sample"), ("copy", f"same content as shard '{names[0]}'")):
             with pytest.raises(ShardError, match=msg):
                 job.execute_in_process(instance=instance, partition_key=key)
+        # A sketched shard rewritten in place is refused, and sketched again once it is said to replace the old.
+        write_shard(ws.landing / f"{names[0]}.npz", pool.images[:20] * 0.5, pool.labels[:20])
+        with pytest.raises(ShardError, match=f"shard '{names[0]}' was rewritten in place"):
+            job.execute_in_process(instance=instance, partition_key=names[0])
+        ShardHashes(ws.artifacts / "shard_hashes.json").replace(names[0], ws.landing / f"{names[0]}.npz")
+        assert job.execute_in_process(instance=instance, partition_key=names[0]).success
     sketched = {p.name.split(".")[0] for p in (ws.artifacts / "sketches").rglob("*.json")}
     assert sketched == {names[0]}

@@ -1,6 +1,7 @@
 """Importing a local dataset by run configuration: the ``import_data`` job and ``skmm shards import``."""
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from test_cli import skmm
 from test_regression import brightness_csv
 from test_vision import write_cifar
 
+from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
-from skmm_pipeline.data.shards import read_shard
+from skmm_pipeline.data.shards import file_sha256, read_shard
 from skmm_pipeline.data.vision import DataError, read_shard_sources
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
@@ -111,7 +113,18 @@ def test_cli_imports_a_regression_csv(tmp_path):
     assert src.targets is not None and len(src.source_ids) == 5
     assert (root / ".skmm" / "eval" / "val.npz").is_file()
     proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(csv))
-    assert proc.returncode == 2 and "already exist" in proc.stderr
+    assert proc.returncode == 2 and "already exist" in proc.stderr and "--replace" in proc.stderr
+    # New data under the same names replaces the old only when asked, and the replacement is recorded.
+    landed = root / ".skmm" / "landing" / "ages-000.npz"
+    registry = ShardHashes(root / ".skmm" / "artifacts" / "shard_hashes.json")
+    old_sha = file_sha256(landed)
+    registry.admit("ages-000", landed, old_sha)
+    proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(csv), "--shards", "2",
+                "--val-fraction", "0.25", "--seed", "1", "--overwrite-eval", "--replace")
+    assert proc.returncode == 0 and "ages-000.npz (5 images), replacing the shard of that name" in proc.stdout, proc.stderr
+    registry.admit("ages-000", landed, file_sha256(landed))  # admitted: it replaces the old content
+    entry = json.loads(registry.cache.read_text())["ages-000"]
+    assert file_sha256(landed) != old_sha and [r["sha256"] for r in entry["replaced"]] == [old_sha]
 
 
 def test_a_failed_import_leaves_nothing_behind_and_can_be_rerun(tmp_path):

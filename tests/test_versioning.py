@@ -696,3 +696,31 @@ def test_versions_cli(tmp_path, repo, store, tracker, capsys):
     # An unreadable MLflow store costs the metrics column, not the listing.
     code, out, err = skmm("versions", "list", "--repo", str(repo), "--mlflow", "sqlite:///relative.db")
     assert code == 0 and "subset-v0002" in out and "skmm: warning" in err
+
+
+# A write beyond RLIMIT_FSIZE fails (EFBIG) as one on a full disk fails (ENOSPC): part-way, with an OSError.
+FULL_DISK = """
+import resource, signal, sys
+from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersionError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = 1 << 20
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    SubsetStore(sys.argv[1], remote_url=sys.argv[2]).write_version({"ids.txt": b"9\\n", "big.bin": bytes(2 * limit)},
+                                                                   {"method": "skmm", "n": 1})
+except SubsetVersionError as exc:
+    print(f"refused: {exc}")
+"""
+
+
+def test_a_disk_that_fills_up_mid_version_rolls_it_back_and_the_next_write_works(repo, remote, store):
+    v1 = store.write_version(V1_FILES, V1_META)
+    before = read_dir(repo / "data"), (repo / "data.dvc").read_bytes(), git(repo, "status", "--porcelain")
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(repo), str(remote)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("refused: writing subset-v0002 failed"), out.stderr[-2000:]
+    assert "rolled back" in out.stdout and out.stdout.count("\n") == 1
+    assert (read_dir(repo / "data"), (repo / "data.dvc").read_bytes(), git(repo, "status", "--porcelain")) == before
+    assert store.list_versions() == [v1] and store.pending_pushes() == []
+    assert not [p for p in repo.rglob("*") if p.name.startswith(".data.") or p.name.endswith(".tmp")]
+    v2 = store.write_version(V2_FILES, V2_META)
+    assert v2.tag == "subset-v0002" and v2.pushed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from skmm_pipeline.core import defaults
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None,
                     help="seed of the delivery's variants (default: a fresh one, printed and recorded)")
     sa.set_defaults(run="shards_cmd:run_add")
+    sr = shsub.add_parser("replace", help="accept a shard rewritten in place as replacing its earlier content "
+                          "(refused until then: its sketches and subset versions were made on the old one)")
+    sr.add_argument("name", help="the shard's name (its file is <landing>/<name>.npz)")
+    sr.add_argument("--root", default=".", help="project root; default: current directory")
+    sr.set_defaults(run="shards_cmd:run_replace")
     si = shsub.add_parser("import", help="import a local dataset (CIFAR-10, ImageFolder, CSV) as pool shards "
                           "and/or evaluation splits (the import_data job, from the command line)")
     si.add_argument("--root", default=".", help="project root; default: current directory")
@@ -138,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--seed", type=int)
     si.add_argument("--on-corrupt", choices=["skip", "raise"], help="default skip")
     si.add_argument("--overwrite-eval", action="store_true", help="replace an existing val.npz / test.npz")
+    si.add_argument("--replace", action="store_true",
+                    help="replace existing pool shards of the same names (recorded as replacing their old content)")
     si.add_argument("--backbone", default="small_cnn",
                     help="transform images for this backbone (as settings.backbone; default small_cnn)")
     si.add_argument("--image-size", type=int, default=224, help="input size for torchvision backbones")
@@ -158,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SkmmError, *FILE_ERRORS) as exc:  # one clear line; the traceback is noise for these
         print(f"skmm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: leave at once, not after the work still running in a worker thread (the
+        # demo's watched runs); what it was writing is left as a kill leaves it, for the next run to recover.
+        print("skmm: interrupted; the next run finishes or rolls back what this one left half done", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

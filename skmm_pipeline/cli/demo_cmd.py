@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from skmm_pipeline.demo import format_report, run_demo
 
 
 def run(args) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress and wait reports show as they happen, piped too
     root = Path(args.root).resolve()
     record = run_demo(root, budget=args.budget, seed=args.seed, n_shards=args.shards, finetune_mode=args.finetune,
                       benchmark=args.benchmark, benchmark_config={"seeds": args.benchmark_seeds})

@@ -2,18 +2,22 @@
 
 The content goes to a temporary file in the destination's directory, is flushed and fsynced, renamed
 over the destination with ``os.replace`` and the directory is fsynced, so the rename itself survives a
-power loss. A failure at any point removes the temporary file and leaves the destination untouched.
+power loss. A failure at any point removes the temporary file and leaves the destination untouched;
+a writer killed outright leaves it, and :func:`remove_orphan_temps` removes it later.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from skmm_pipeline.core.faults import kill_point
 
 
 def fsync_dir(path) -> None:
@@ -62,8 +66,9 @@ def commit(tmp, path) -> None:
 
 
 @contextmanager
-def atomic_open(path) -> Iterator[BinaryIO]:
-    """``with atomic_open(p) as fh: fh.write(...)`` -- ``p`` is replaced only if the block succeeds."""
+def atomic_open(path, fault: str = "") -> Iterator[BinaryIO]:
+    """``with atomic_open(p) as fh: fh.write(...)`` -- ``p`` is replaced only if the block succeeds.
+    ``fault``: the kill point (``core.faults``) between the complete temporary file and its rename."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -71,6 +76,8 @@ def atomic_open(path) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if fault:
+            kill_point(fault)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -78,9 +85,9 @@ def atomic_open(path) -> Iterator[BinaryIO]:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically."""
-    with atomic_open(path) as fh:
+def atomic_write_bytes(path, data: bytes, fault: str = "") -> None:
+    """Replace ``path`` with ``data`` atomically (``fault``: see :func:`atomic_open`)."""
+    with atomic_open(path, fault) as fh:
         fh.write(data)
 
 
@@ -93,3 +100,42 @@ def atomic_save_npz(path, **arrays) -> None:
     """Replace ``path`` with an uncompressed ``.npz`` of ``arrays`` atomically."""
     with atomic_open(path) as fh:
         np.savez(fh, **arrays)
+
+
+TEMP_NAME = re.compile(r"^\..+\.tmp$")
+"""The names :func:`temp_path` gives (``.<name>.<tag><random>.tmp``)."""
+
+
+def _open_files() -> set[Path] | None:
+    """Every file some process of this machine has open or mapped (None where ``/proc`` cannot tell)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    held = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            held.update(Path(os.readlink(fd)) for fd in (proc / "fd").iterdir())
+            with open(proc / "maps") as fh:
+                held.update(Path(line.split(None, 5)[5].strip()) for line in fh if line.count(" ") >= 5 and "/" in line)
+        except (OSError, IndexError):  # a process that ended, or one of another user
+            continue
+    return held
+
+
+def remove_orphan_temps(folders, before: float) -> list[Path]:
+    """Delete the temporary files (:data:`TEMP_NAME`) under ``folders`` last written before ``before`` (a
+    ``time.time()``) that no process has open: the leftovers of writers that died before their rename.
+    Returns the files removed."""
+    held = _open_files()
+    removed = []
+    for folder in folders:
+        for path in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
+            try:
+                if not TEMP_NAME.match(path.name) or not path.is_file() or path.stat().st_mtime >= before:
+                    continue
+                if held is not None and path.resolve() in held:
+                    continue
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                continue
+    return removed

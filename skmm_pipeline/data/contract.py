@@ -11,6 +11,7 @@ shard, the field and the fix.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,11 @@ class ShardContract:
 
 
 class ShardHashes:
-    """Content hashes of the shards admitted so far, by name, in one JSON file: a shard whose content
-    equals an admitted shard's under another name is refused, naming it. The first shard admitted is
-    the original; an entry whose file is gone is dropped, one whose file changed is hashed again."""
+    """Content hashes of the shards admitted so far, by name, in one JSON file. A shard whose content
+    equals an admitted shard's under another name is refused, naming it; the first shard admitted is
+    the original, and an entry whose file is gone is dropped. A shard whose content changed under its
+    own name (rewritten in place) is refused too, until :meth:`replace` records that the new content
+    replaces the old (``skmm shards replace``): sketches and versions were made on the old one."""
 
     def __init__(self, cache: Path):
         self.cache = Path(cache)
@@ -75,11 +78,20 @@ class ShardHashes:
         except (OSError, ValueError):
             return {}
 
+    def _save(self, entries: dict) -> None:
+        atomic_write_bytes(self.cache, json.dumps(entries, sort_keys=True).encode())
+
     def admit(self, name: str, path: Path, sha: str) -> None:
         """Record shard ``name`` (file ``path``, content ``sha``), or raise :class:`ShardError` if an
-        admitted shard in the same folder has that content."""
+        admitted shard in the same folder has that content, or if ``name`` was admitted with other content."""
         entries = self._load()
         folder = Path(path).parent
+        old = entries.get(name, {}).get("sha256")
+        if old is not None and old != sha:
+            raise ShardError(f"shard {name!r} was rewritten in place: its content (sha256 {sha[:12]}) is not the one "
+                             f"admitted (sha256 {old[:12]}), on which its sketches and subset versions were made: "
+                             f"restore the original {Path(path).name}, land the new data under a new name, or run "
+                             f"`skmm shards replace {name}` if it replaces the old")
         for other in sorted(set(entries) - {name}):
             other_path = folder / f"{other}.npz"
             if not other_path.is_file():
@@ -87,9 +99,25 @@ class ShardHashes:
                 continue
             signature = file_signature(other_path)
             if entries[other].get("signature") != signature:
-                entries[other] = {"signature": signature, "sha256": file_sha256(other_path)}
+                entries[other] = {**entries[other], "signature": signature, "sha256": file_sha256(other_path)}
             if entries[other]["sha256"] == sha:
                 raise ShardError(f"shard {name!r} has the same content as shard {other!r} (sha256 {sha[:12]}): "
                                  f"remove the copy {Path(path).name} from {folder}")
-        entries[name] = {"signature": file_signature(path), "sha256": sha}
-        atomic_write_bytes(self.cache, json.dumps(entries, sort_keys=True).encode())
+        entries[name] = {**entries.get(name, {}), "signature": file_signature(path), "sha256": sha}
+        self._save(entries)
+
+    def replace(self, name: str, path: Path) -> tuple[str | None, str]:
+        """Record that the content of ``path`` now replaces what shard ``name`` held: the old hash is
+        kept in the entry's ``replaced`` list (with the time), so what was made on it can be told.
+        Returns (old sha256 or None, new sha256)."""
+        if not Path(path).is_file():
+            raise ShardError(f"shard {name!r}: no file {path} to replace it with: land the new {Path(path).name} first")
+        entries = self._load()
+        sha = file_sha256(path)
+        entry = entries.get(name, {})
+        old = entry.get("sha256")
+        if old is not None and old != sha:
+            entry["replaced"] = [*entry.get("replaced", []), {"sha256": old, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        entries[name] = {**entry, "signature": file_signature(path), "sha256": sha}
+        self._save(entries)
+        return old, sha

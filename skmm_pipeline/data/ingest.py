@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.shards import ShardError, check_shard_name
 from skmm_pipeline.data.vision import (
     CIFAR10,
@@ -47,6 +48,7 @@ class ImportRequest:
     seed: int = 0
     on_corrupt: str = "skip"
     overwrite_eval: bool = False  # replace an existing val.npz / test.npz
+    replace: bool = False  # replace existing pool shards of the same names (recorded as replacing them)
     path_column: str = "path"  # csv only
     target_column: str = "target"  # csv only
 
@@ -89,6 +91,7 @@ class ImportResult:
     skipped: int = 0  # unreadable images left out
     eval_files: list[str] = field(default_factory=list)
     task: str = ""
+    replaced: list[str] = field(default_factory=list)  # pool shards that replaced existing ones
 
 
 def open_source(req: ImportRequest, tf: ImageTransform):
@@ -99,10 +102,12 @@ def open_source(req: ImportRequest, tf: ImageTransform):
     return ImageCSV(req.path, transform=tf, path_column=req.path_column, target_column=req.target_column)
 
 
-def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTransform | None = None) -> ImportResult:
+def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTransform | None = None,
+                   registry: ShardHashes | None = None) -> ImportResult:
     """Write ``req``'s dataset into ``landing_dir`` (pool shards ``<prefix>-000.npz`` ...) and/or
     ``eval_dir`` (``val.npz``, ``test.npz``). Everything is checked before the first file is written:
-    existing shards are never replaced, and an existing evaluation split only with ``overwrite_eval``.
+    existing shards are replaced only with ``replace`` (recorded in ``registry``, the shards' content-hash
+    registry, as replacing their old content), an existing evaluation split only with ``overwrite_eval``.
     Files are written into a staging folder and moved into place at the end: an import that fails
     (e.g. an unreadable image with ``on_corrupt="raise"``) or is killed while writing leaves nothing
     behind (its staging folders are cleared by a later import once they are a day old).
@@ -132,9 +137,9 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTr
         if req.shards > pool_idx.size:
             raise DataError(f"{req.shards} shards for {pool_idx.size} pool rows: use fewer shards")
         existing = [p.name for k in range(req.shards) if (p := landing_dir / f"{prefix}-{k:03d}.npz").exists()]
-        if existing:
+        if existing and not req.replace:
             raise ShardError(f"shard file(s) already exist in {landing_dir}, shards are immutable deliveries: "
-                             f"{existing[:3]}; choose another name")
+                             f"{existing[:3]}; choose another name, or replace them (skmm shards import --replace)")
     else:
         targets[req.role] = None  # the whole source
     for role in targets:
@@ -164,7 +169,13 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTr
                 result.skipped += len(w.skipped)
                 result.rows[role] = w.rows
         for name in result.shards:
-            _move_new(stages[0] / f"{name}.npz", landing_dir / f"{name}.npz")
+            if req.replace and (landing_dir / f"{name}.npz").exists():
+                os.replace(stages[0] / f"{name}.npz", landing_dir / f"{name}.npz")
+                result.replaced.append(name)
+                if registry is not None:
+                    registry.replace(name, landing_dir / f"{name}.npz")
+            else:
+                _move_new(stages[0] / f"{name}.npz", landing_dir / f"{name}.npz")
         for role in targets:
             os.replace(stages[-1] / f"{role}.npz", eval_dir / f"{role}.npz")
             result.eval_files.append(str(eval_dir / f"{role}.npz"))

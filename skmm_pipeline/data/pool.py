@@ -78,7 +78,7 @@ def structure_scores(cache_dir: Path, shard_path: Path, name: str, sha: str, ima
     scores = spatial_structure(images)
     buf = io.BytesIO()
     np.save(buf, scores)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fault="raw_shard_write")
     return scores
 
 

@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.core.outliers import lacks_structure
 from skmm_pipeline.data.contract import ShardContract, ShardHashes
 from skmm_pipeline.data.ingest import ImportRequest, import_dataset
@@ -50,6 +51,7 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
     shard_contract(workspace, settings).check(shard)
     sha = file_sha256(path)
     ShardHashes(workspace.artifacts / "shard_hashes.json").admit(name, path, sha)
+    kill_point("raw_shard_registered")
     scores = structure_scores(workspace.artifacts / "input_structure", path, name, sha, shard.images)
     record = {"name": name, "path": str(path), "sha256": sha, "rows": int(len(shard.images)), "signature": signature}
     meta = {
@@ -86,6 +88,8 @@ class ImportConfig(dg.Config):
     seed: int = Field(default=_REQUEST["seed"], description="fixes the held-out split")
     on_corrupt: str = Field(default=_REQUEST["on_corrupt"], description="skip (count and log unreadable images) or raise")
     overwrite_eval: bool = Field(default=_REQUEST["overwrite_eval"], description="replace an existing val.npz / test.npz")
+    replace: bool = Field(default=_REQUEST["replace"], description="replace existing pool shards of the same names "
+                          "(recorded as replacing their old content)")
     path_column: str = Field(default=_REQUEST["path_column"], description="csv only")
     target_column: str = Field(default=_REQUEST["target_column"], description="csv only")
 
@@ -95,7 +99,8 @@ def import_dataset_op(context: dg.OpExecutionContext, config: ImportConfig, sett
                       workspace: Workspace) -> dict:
     req = ImportRequest(**config.model_dump())
     result = import_dataset(req, workspace.landing, workspace.evaluation,
-                            default_transform(settings.backbone, settings.image_size))
+                            default_transform(settings.backbone, settings.image_size),
+                            ShardHashes(workspace.artifacts / "shard_hashes.json"))
     if result.shards:
         context.instance.add_dynamic_partitions(shard_partitions.name, result.shards)
     summary = {"task": result.task, "shards": result.shards, "rows": result.rows, "skipped_images": result.skipped,

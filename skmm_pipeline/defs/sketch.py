@@ -51,7 +51,7 @@ def pretrained_model(context: dg.AssetExecutionContext, settings: SkmmSettings, 
         meta["weights"] = str(weights)
     mid = model_id(model)
     path = workspace.artifacts / "models" / f"{settings.backbone}-{mid}.pt"
-    atomic_write_bytes(path, save_backbone(model))
+    atomic_write_bytes(path, save_backbone(model), fault="pretrained_weights")
     record = {
         "path": str(path), "model_id": mid, "arch": settings.backbone,
         "feature_dim": model.feature_dim, "num_classes": model.num_classes,

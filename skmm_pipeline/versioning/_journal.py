@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from skmm_pipeline.core.atomic import atomic_write_bytes, fsync_dir
 from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.core.waiting import WaitReport
 
 if TYPE_CHECKING:  # a history uses the journal; the journal only calls it back
     from skmm_pipeline.versioning._history import History
@@ -184,17 +185,22 @@ def remove_path(path: Path) -> None:
 @contextlib.contextmanager
 def write_lock(state_dir: Path, repo_root: Path, timeout: float) -> Iterator[None]:
     """Hold ``<state_dir>/write.lock``, the lock of the writers of ``repo_root``, exclusively
-    (``flock``), waiting at most ``timeout`` seconds for another process."""
+    (``flock``), waiting at most ``timeout`` seconds for another process, saying so every
+    ``core.waiting.report_interval()`` seconds."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "write.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout
+        report = WaitReport()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if report.due():
+                    logger.warning("waiting %.0f s for the lock %s: another process is writing a subset version "
+                                   "in %s (gives up after %.0f s; Ctrl-C stops)", report.waited, path, repo_root, timeout)
                 if time.monotonic() > deadline:
                     raise SubsetVersionError(
                         f"another process has been writing a subset version in "

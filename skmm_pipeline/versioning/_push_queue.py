@@ -13,6 +13,7 @@ from pathlib import Path
 
 from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.versioning._dvc import Repo, capture_dvc_messages, local_objects
 from skmm_pipeline.versioning._history import History, SubsetVersion
 
@@ -84,6 +85,7 @@ class PushQueue:
                         remaining.append(tag)
                 objs = set().union(*per_tag.values()) if per_tag else set()
                 failed = set(repo.cloud.push(objs).failed) if objs else set()
+                kill_point("version_push")
                 remaining += [t for t, o in per_tag.items() if o & failed]
                 if failed:
                     errors.append(

@@ -279,6 +279,7 @@ class SubsetStore(DataLayout):
                 ) from exc
             kill_point("version_tag")
             self._queue.add(version)
+            kill_point("version_queued")
             undo.discard_backup()
             undo.clear()  # the version is complete and its push queued: nothing left to recover
             still_pending, error = self._queue.push()

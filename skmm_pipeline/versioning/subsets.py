@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skmm_pipeline.core.errors import SubsetVersionError
+from skmm_pipeline.core.faults import kill_point
 from skmm_pipeline.tracking.mlflow_store import run_tags, version_tags
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersion
 from skmm_pipeline.versioning.subset_files import (
@@ -259,6 +260,7 @@ def record_subset_version(
         for name_, content in files.items():
             run.log_artifact_bytes(name_, content, "subset")
         version = store.write_version(files, manifest.tag_meta())
+        kill_point("version_mlflow")
         run.set_tags(version_tags(version))
         if version.push_error:
             run.set_tags({"dvc.push_error": version.push_error})
