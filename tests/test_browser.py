@@ -109,12 +109,13 @@ def dismiss(page) -> None:
 
 
 def test_asset_graph_shows_the_lineage(servers, page):
-    page.goto(f"{servers['dagster']}/asset-groups")
-    page.get_by_text("finetune_eval").first.wait_for()
+    # Everything upstream of finetune_eval, group boxes (ingest, sketch, select, ...) around their assets.
+    page.goto(f"{servers['dagster']}/assets/finetune_eval?view=lineage&lineageScope=upstream&lineageDepth=10")
+    page.get_by_text("validation_sketch").first.wait_for()
     dismiss(page)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(SHOTS / "asset-graph.png"))
-    for asset in ("raw_shard", "gradient_sketch", "skmm_selection", "subset_version", "finetune_eval"):
+    for asset in ("raw_shard", "gradient_sketch", "validation_sketch", "skmm_selection", "subset_version", "finetune_eval"):
         assert page.get_by_text(asset).count(), asset
 
 
