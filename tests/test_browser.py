@@ -122,9 +122,10 @@ def test_asset_graph_shows_the_lineage(servers, page):
 def test_finetune_eval_shows_plot_grid_and_results(servers, page):
     page.goto(f"{servers['dagster']}/assets/finetune_eval")
     dismiss(page)
-    images = rendered_images(page, "img[src*='get-artifact']", count=2)
+    images = rendered_images(page, "img[src*='get-artifact']", count=3)
     page.screenshot(path=str(SHOTS / "finetune-eval.png"), full_page=True)
-    assert {"accuracy.png", "subset_grid.png"} <= {i["src"].split("path=plots/")[-1].split("&")[0] for i in images}
+    assert {i["src"].split("path=plots/")[-1].split("&")[0] for i in images} == {"accuracy.png", "subset_grid.png",
+                                                                                 "versions.png"}
     assert all(i["w"] >= 250 and i["h"] >= 150 for i in images), images
     page.get_by_role("cell", name="uniform (x5)").first.wait_for()
     assert page.get_by_role("cell", name="skmm", exact=True).count() and page.get_by_role("cell", name="full pool").count()
