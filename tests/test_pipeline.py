@@ -176,8 +176,14 @@ def test_ft2_evaluation_on_eval_splits_from_the_workspace(versioned_project, dag
     metrics = record["metrics"]
     for key in ("acc_skmm", "ft2_acc_skmm", "ft2_acc_uniform_mean", "ft2_acc_full_pool", "ft2_macro_f1_skmm"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    run = MlflowClient(record["mlflow_tracking_uri"]).get_run(record["mlflow_run_id"])
+    client = MlflowClient(record["mlflow_tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
     assert run.data.params["eval_splits"] == str(eval_dir) and run.data.params["finetune"] == "both"
+    # The selected subset's FT-2 training curves: validation accuracy at each epoch checkpoint, per (lr, wd).
+    curves = [k for k in run.data.metrics if k.startswith("ft2_val_accuracy/lr_")]
+    assert curves
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, curves[0])]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) > 1
 
 
 def test_torchvision_backbone_on_image_shards(versioned_project):

@@ -9,6 +9,7 @@ from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 from skmm_pipeline.evaluation import (
     comparable,
     evaluate_selection,
+    ft2_history,
     history_plot,
     subset_grid,
     versus_previous,
@@ -73,6 +74,7 @@ def finetune_eval(
         run.log_metrics(metrics)
         kill_point("finetune_eval")
         run.log_eval_metrics(result.eval_rows)
+        run.log_curves(ft2_history(result.scores, result.method))
         run.log_artifact_bytes(plot_name, plot, "plots")
         run.log_artifact_bytes("subset_grid.png", grid, "plots")
         run.log_artifact_bytes("versions.png", timeline, "plots")

@@ -78,6 +78,7 @@ from skmm_pipeline.evaluation._selection_eval import (
     evaluate_selection,
     ft1_evaluator,
     ft2_evaluator,
+    ft2_history,
     summarize_scores,
 )
 from skmm_pipeline.evaluation._summary import group_baselines, headline_checks, paired_difference, summarize
@@ -89,7 +90,7 @@ __all__ = [
     "ProbeResult", "SeededSketches", "SelectionEvaluation", "Split", "accuracy_plot", "class_names", "history_plot",
     "shard_grid", "subset_grid", "check_regression_model",
     "check_regression_setup", "check_same_task", "compare", "comparison_subsets", "default_methods", "default_specs",
-    "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "group_baselines", "headline_checks", "paired_difference",
+    "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "ft2_history", "group_baselines", "headline_checks", "paired_difference",
     "image_markdown", "linear_probe", "load_labelled_pool", "load_pool", "macro_f1", "markdown", "method_table",
     "plot_comparison", "ridge_probe", "rows_markdown", "summarize", "summarize_scores", "summary_markdown",
     "to_json_records", "z_table", "comparable", "shard_shares", "versus_previous", "versus_uniform",

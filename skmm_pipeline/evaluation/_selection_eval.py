@@ -67,15 +67,29 @@ def ft2_evaluator(pool: Pool, ev: EvalData, seed: int) -> Callable[[np.ndarray],
         train = EvalSplit(images[idx], labels[idx], ids[idx])
         r = finetune_tail(prefix, tail, train, val, test, task=ev.task, seed=seed, device=pool.device)
         if ev.task == "regression":
-            return {"test_mae": r.test_mae, "val_mae": r.val_metrics["mae"],
+            return {"test_mae": r.test_mae, "val_mae": r.val_metrics["mae"], "trials": list(r.trials),
                     **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
         return {"test_accuracy": r.test_accuracy, "val_accuracy": r.val_metrics.get("accuracy", float("nan")),
-                "macro_f1": r.test_macro_f1, **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
+                "macro_f1": r.test_macro_f1, "trials": list(r.trials),
+                **{f"hp_{k}": v for k, v in r.hyperparameters.items()}}
 
     return run
 
 
 EVALUATORS = {"FT-1": ft1_evaluator, "FT-2": ft2_evaluator}
+
+
+def ft2_history(scores: Mapping, method: str) -> dict[str, list[tuple[int, float]]]:
+    """The selected subset's FT-2 training curves: per (lr, weight decay) tried, the validation metric after
+    each epoch checkpoint, as ``{"ft2_val_<metric>/lr_<lr>_wd_<wd>": [(epochs, value), ...]}``; ``{}``
+    without FT-2."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for trial in scores.get("FT-2", {}).get(method, {}).get("trials", []):
+        for name, value in trial.items():
+            if name.startswith("val_"):
+                key = f"ft2_{name}/lr_{trial['lr']:g}_wd_{trial['weight_decay']:g}"
+                curves.setdefault(key, []).append((int(trial["epochs"]), float(value)))
+    return curves
 
 
 def summarize_scores(scores: dict, method: str, uniform_keys: list[str], n: int, pool_size: int, task: str):

@@ -157,6 +157,15 @@ class TrackedRun:
         now = int(time.time() * 1000)
         self._log_batch(metrics=[Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()])
 
+    def log_curves(self, curves: Mapping[str, Iterable[tuple[int, float]]]) -> None:
+        """Metrics with a history: each key's ``(step, value)`` points (e.g. validation accuracy per epoch),
+        drawn by the MLflow UI as a curve."""
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        now = int(time.time() * 1000)
+        self._log_batch(metrics=[Metric(str(k), float(v), now, int(step)) for k, points in curves.items()
+                                 for step, v in points])
+
     def log_eval_metrics(self, rows: Iterable[Mapping[str, Any]]) -> list[str]:
         """Per-method, per-n metrics: each row has ``method``, ``n`` and numeric fields.
 
