@@ -16,12 +16,11 @@ from __future__ import annotations
 import ctypes
 import signal
 import threading
-import time
 from typing import Callable, TypeVar
 
 import dagster as dg
 
-from skmm_pipeline.core.waiting import report_interval
+from skmm_pipeline.core.waiting import WaitReport, report_interval
 
 T = TypeVar("T")
 STOP_GRACE_S = 10.0  # how long an interrupted run may take to unwind (a step in a long C call) before it is left
@@ -76,19 +75,17 @@ def execute_watched(execute: Callable[[], T], instance: dg.DagsterInstance, run_
     main = threading.current_thread() is threading.main_thread()  # only there can signal handlers be set
     previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     interval = report_interval()
-    since = next_report = None  # when the current wait began; when it is reported next
+    report = None  # the current wait's: reported as it begins, then whenever due
     try:
         worker.start()
         while worker.is_alive():
             worker.join(timeout=min(interval / 2, 5.0))
             waits = waiting_for(instance, run_id) if worker.is_alive() else []
-            now = time.monotonic()
             if not waits:
-                since = None
-            elif since is None or now >= next_report:
-                since = now if since is None else since
-                next_report = now + interval
-                log(f"[skmm] run {run_id[:8]} ({job}) is waiting for {'; '.join(waits)}, {now - since:.0f} s so "
+                report = None
+            elif report is None or report.due():
+                report = report or WaitReport(interval)
+                log(f"[skmm] run {run_id[:8]} ({job}) is waiting for {'; '.join(waits)}, {report.waited:.0f} s so "
                     "far (Ctrl-C stops it)")
     except KeyboardInterrupt:
         # Interrupt the worker too: it unwinds through Dagster, which gives back the slots it claimed.
