@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from skmm_pipeline.core.errors import SketchMismatchError
+from skmm_pipeline.core.hashing import fingerprint_of
 from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
 from skmm_pipeline.core.selection import method_options
@@ -145,3 +146,25 @@ def reference_rows(validation_sketch: dict, identity: dict, method: str):
         raise SketchMismatchError(f"the validation sketch does not match the pool's sketches ({exc}): "
                                   "re-materialize gradient_sketch for all shards and validation_sketch with the "
                                   "same settings") from None
+
+
+def selection_record(sketches: Mapping[str, Mapping], sample_ids: list[str], *, method: str, budget: int, seed: int,
+                     pool_size: int, identity: dict, diagnostics: dict, reference: str, mode: str, **extra) -> dict:
+    """What ``skmm_selection`` records, in either mode: the picks with equal weights and what they were
+    chosen from (each shard's content hash and rows, the fingerprint of the shard sketches), plus ``extra``."""
+    return {
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "pool_size": pool_size,
+        "sample_ids": sample_ids,
+        "weights": [1.0 / len(sample_ids)] * len(sample_ids),
+        "sketch_identity": identity,
+        "shards": {name: rec["shard_sha256"] for name, rec in sorted(sketches.items())},
+        "shard_rows": {name: rec["rows"] for name, rec in sorted(sketches.items())},
+        "sketch_fingerprint": fingerprint_of({name: rec["data_version"] for name, rec in sketches.items()}),
+        "reference": reference,
+        "diagnostics": diagnostics,
+        "selection_mode": mode,
+        **extra,
+    }

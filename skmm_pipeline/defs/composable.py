@@ -12,7 +12,7 @@ from typing import Mapping
 
 import dagster as dg
 
-from skmm_pipeline.core.hashing import fingerprint_of, json_hash
+from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.sketch_io import identity_hash
 from skmm_pipeline.data.composable import (
     cached_candidates,
@@ -22,7 +22,7 @@ from skmm_pipeline.data.composable import (
     resolve_mode,
     selection_target,
 )
-from skmm_pipeline.data.pool import picked_per_shard, reference_rows
+from skmm_pipeline.data.pool import picked_per_shard, reference_rows, selection_record
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 
@@ -100,18 +100,14 @@ def composable_output(gradient_sketch: Mapping[str, Mapping], validation_sketch:
     res = composable_selection(cache_dir(workspace, first), gradient_sketch, settings.budget, c=settings.composable_c,
                                seed=settings.seed, tolerance=settings.composable_tolerance, reference=reference)
     chosen = res["sample_ids"]
-    shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
-    fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
-    record = {
-        "method": settings.method, "budget": settings.budget, "seed": settings.seed, "pool_size": res["pool_size"],
-        "sample_ids": chosen, "weights": [1.0 / len(chosen)] * len(chosen), "sketch_identity": res["identity"],
-        "shards": shards, "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
-        "sketch_fingerprint": fingerprint, "diagnostics": res["diagnostics"], "selection_mode": "composable",
-        "reference": res["reference"],
-        "composable": {"c": settings.composable_c, "tolerance": settings.composable_tolerance,
-                       "candidate_sets": res["candidate_sets"], "recomputed": res["recomputed"],
-                       "moment_version": res["moment_version"]},
-    }
+    record = selection_record(
+        gradient_sketch, chosen, method=settings.method, budget=settings.budget, seed=settings.seed,
+        pool_size=res["pool_size"], identity=res["identity"], diagnostics=res["diagnostics"],
+        reference=res["reference"], mode="composable",
+        composable={"c": settings.composable_c, "tolerance": settings.composable_tolerance,
+                    "candidate_sets": res["candidate_sets"], "recomputed": res["recomputed"],
+                    "moment_version": res["moment_version"]})
+    shards, fingerprint = record["shards"], record["sketch_fingerprint"]
     d = res["diagnostics"]
     return dg.Output(record, data_version=dg.DataVersion(json_hash(chosen)), metadata={
         "n": len(chosen), "pool_size": res["pool_size"], "method": settings.method, "selection_mode": "composable",

@@ -6,13 +6,14 @@ The size/uniqueness and id checks block: a selection that fails them is never ve
 import dagster as dg
 import numpy as np
 
-from skmm_pipeline.core.hashing import fingerprint_of, json_hash
+from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.selection import duplicate_rows, select
 from skmm_pipeline.data.pool import (
     class_counts,
     load_sketches,
     picked_per_shard,
     reference_rows,
+    selection_record,
     single_identity,
     sketch_identities,
     unknown_ids,
@@ -53,23 +54,11 @@ def skmm_selection(
     result = select(settings.method, G, settings.budget, seed=settings.seed, **guard)
     result.diagnostics["selected_duplicates"] = duplicate_rows(G[np.sort(result.indices)])
     chosen = [ids[i] for i in result.indices]
-    shards = {name: rec["shard_sha256"] for name, rec in sorted(gradient_sketch.items())}
-    fingerprint = fingerprint_of({name: rec["data_version"] for name, rec in gradient_sketch.items()})
-    record = {
-        "method": settings.method,
-        "budget": settings.budget,
-        "seed": settings.seed,
-        "pool_size": len(ids),
-        "sample_ids": chosen,
-        "weights": [1.0 / len(chosen)] * len(chosen),
-        "sketch_identity": identity,
-        "shards": shards,
-        "shard_rows": {name: rec["rows"] for name, rec in sorted(gradient_sketch.items())},
-        "sketch_fingerprint": fingerprint,
-        "reference": "pool" if reference is None else "validation",
-        "diagnostics": result.diagnostics,
-        "selection_mode": "global",
-    }
+    record = selection_record(gradient_sketch, chosen, method=settings.method, budget=settings.budget,
+                              seed=settings.seed, pool_size=len(ids), identity=identity,
+                              diagnostics=result.diagnostics, reference="pool" if reference is None else "validation",
+                              mode="global")
+    shards, fingerprint = record["shards"], record["sketch_fingerprint"]
     per_shard = picked_per_shard(chosen, shards)
     return dg.Output(
         record,
