@@ -253,6 +253,9 @@ def scale(rows: int, m: int, shards: int, n: int, c: float) -> dict:
     return result
 
 
+PARTS = ("quality", "grid", "incremental", "scale")
+
+
 def md_table(df: pd.DataFrame, digits: int = 3) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-rows", type=int, default=1_000_000, help="rows of the simulated pool (10^7: --scale-rows 10000000)")
     ap.add_argument("--scale-m", type=int, default=256)
     ap.add_argument("--scale-shards", type=int, default=128)
-    ap.add_argument("--markdown", help="write composable.md into this folder")
+    ap.add_argument("--markdown", help="write composable.md (and composable_scale.md) into this folder")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)")
     ap.add_argument("--scale-worker", choices=("write", "select"), help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=500, help=argparse.SUPPRESS)
@@ -278,54 +282,75 @@ def main(argv=None) -> int:
         scale_worker(args)
         return 0
     q = args.quick
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}; available: {list(PARTS)}")
     seeds = list(range(2 if q else args.seeds))
     t0 = time.perf_counter()
-    qual = pd.concat([quality_gmm(seeds, ["gmm-paper"] if q else list(GMM_VARIANTS), 8, 2.0, q),
-                      quality_digits(seeds, 4, 2.0, q)], ignore_index=True)
-    q_table = paired(qual, ["scenario", "n"])
-    g_table = grid(seeds, 20_000 if q else 100_000, [4, 16] if q else [4, 16, 64, 256], [2] if q else [2, 4, 8], 96)
-    inc = incremental(seeds, 8 if q else 64, 300 if q else 1000, 96, 2.0)
-    inc_table = paired(inc.rename(columns={"mode": "m0"}).assign(
-        mode=lambda d: d["m0"].map({"incremental": "composable", "full": "global"}), scenario="gmm-incremental"),
-        ["scenario"])
-    sc = scale(100_000 if q else args.scale_rows, 64 if q else args.scale_m, 10 if q else args.scale_shards,
-               100 if q else 500, 2.0)
-    incr = inc[inc["mode"] == "incremental"]
-    report = [
-        "## Quality: composable (c = 2; GMM in 8 shards, digits in 4) vs global, paired over seeds",
-        "score: -log10 ridge risk (GMM) or FT-1 test accuracy (digits); diff = composable - global; ratio: risk "
-        "ratio (GMM, < 1 is better) or accuracy ratio (digits); obj_ratio: the design criterion under the pool's moment, "
-        "composable / global (1 = as good); cov: fraction of seeds covering every cluster/class",
-        "", md_table(q_table), "",
-        "## Shards and c: GMM, 20 clusters skewed 1:50, N = %d, n = 96 (global vs composable)" % (20_000 if q else 100_000),
-        "", md_table(g_table), "",
-        "## Incremental: %d shards + 1 (like the others); incremental (reused candidates) vs full recompute" % (8 if q else 64),
-        "", md_table(inc_table), "",
-        f"shards recomputed: {incr['recomputed'].mean():.3g} of {8 + 1 if q else 65}; candidate work (rows) "
-        f"{incr['work'].mean():.4f} of a full recompute; moment drift from the new shard: like "
-        f"{inc['drift_like'].mean():.4f}, shifted (rows of the smallest cluster) {inc['drift_shifted'].mean():.4f} "
-        f"(tolerance 0.05: above it every shard's candidates are recomputed)",
-        "",
-        f"## Scale: {sc['rows']} rows x m = {sc['m']} in {sc['shards']} shards, n = {sc['n']}, c = {sc['c']:g}",
-        "", md_table(pd.DataFrame([sc])), "",
-    ]
-    within = int(q_table["within_1sem"].sum() + g_table["within_1sem"].sum())
-    heads = {
-        "quality_within_one_sem": f"{within}/{len(q_table) + len(g_table)}",
-        "incremental_shards_recomputed": f"{incr['recomputed'].mean():.3g}",
-        "incremental_candidate_work_ratio": f"{incr['work'].mean():.4f}",
-        "incremental_within_one_sem": str(bool(inc_table["within_1sem"].iloc[0])),
-        "scale_peak_rss_mib": f"{sc['select_peak_rss_mib']:.0f}, {sc['select_imports_rss_mib']:.0f} after imports "
-                              f"(joined sketch {sc['joined_mib']:.0f} MiB)",
-        "scale_select_seconds": f"{sc['select_seconds']:.1f}",
-        "seconds": f"{time.perf_counter() - t0:.0f}",
-    }
+    report: list[str] = []
+    heads: dict[str, str] = {}
+    within, settings = 0, 0
+    if "quality" in parts:
+        qual = pd.concat([quality_gmm(seeds, ["gmm-paper"] if q else list(GMM_VARIANTS), 8, 2.0, q),
+                          quality_digits(seeds, 4, 2.0, q)], ignore_index=True)
+        q_table = paired(qual, ["scenario", "n"])
+        within, settings = within + int(q_table["within_1sem"].sum()), settings + len(q_table)
+        report += [
+            "## Quality: composable (c = 2; GMM in 8 shards, digits in 4) vs global, paired over seeds",
+            "score: -log10 ridge risk (GMM) or FT-1 test accuracy (digits); diff = composable - global; ratio: risk "
+            "ratio (GMM, < 1 is better) or accuracy ratio (digits); obj_ratio: the design criterion under the pool's "
+            "moment, composable / global (1 = as good); cov: fraction of seeds covering every cluster/class",
+            "", md_table(q_table), ""]
+    if "grid" in parts:
+        N = 20_000 if q else 100_000
+        g_table = grid(seeds, N, [4, 16] if q else [4, 16, 64, 256], [2] if q else [2, 4, 8], 96)
+        within, settings = within + int(g_table["within_1sem"].sum()), settings + len(g_table)
+        report += [f"## Shards and c: GMM, 20 clusters skewed 1:50, N = {N}, n = 96 (global vs composable)",
+                   "", md_table(g_table), ""]
+    if settings:
+        heads["quality_within_one_sem"] = f"{within}/{settings}"
+    if "incremental" in parts:
+        base = 8 if q else 64
+        inc = incremental(seeds, base, 300 if q else 1000, 96, 2.0)
+        inc_table = paired(inc.rename(columns={"mode": "m0"}).assign(
+            mode=lambda d: d["m0"].map({"incremental": "composable", "full": "global"}), scenario="gmm-incremental"),
+            ["scenario"])
+        incr = inc[inc["mode"] == "incremental"]
+        report += [
+            f"## Incremental: {base} shards + 1 (like the others); incremental (reused candidates) vs full recompute",
+            "", md_table(inc_table), "",
+            f"shards recomputed: {incr['recomputed'].mean():.3g} of {base + 1}; candidate work (rows) "
+            f"{incr['work'].mean():.4f} of a full recompute; moment drift from the new shard: like "
+            f"{inc['drift_like'].mean():.4f}, shifted (rows of the smallest cluster) {inc['drift_shifted'].mean():.4f} "
+            f"(tolerance 0.05: above it every shard's candidates are recomputed)", ""]
+        heads.update({"incremental_shards_recomputed": f"{incr['recomputed'].mean():.3g}",
+                      "incremental_candidate_work_ratio": f"{incr['work'].mean():.4f}",
+                      "incremental_within_one_sem": str(bool(inc_table["within_1sem"].iloc[0]))})
+    scale_text = ""
+    if "scale" in parts:
+        sc = scale(100_000 if q else args.scale_rows, 64 if q else args.scale_m, 10 if q else args.scale_shards,
+                   100 if q else 500, 2.0)
+        scale_text = "\n".join([
+            f"## Scale: {sc['rows']} rows x m = {sc['m']} in {sc['shards']} shards, n = {sc['n']}, c = {sc['c']:g}",
+            "", md_table(pd.DataFrame([sc])), "",
+            f"scale_peak_rss_mib: {sc['select_peak_rss_mib']:.0f}, {sc['select_imports_rss_mib']:.0f} after imports "
+            f"(joined sketch {sc['joined_mib']:.0f} MiB)",
+            f"scale_select_seconds: {sc['select_seconds']:.1f}"]) + "\n"
+    heads["seconds"] = f"{time.perf_counter() - t0:.0f}"
     text = "\n".join(report) + "\n" + "\n".join(f"{k}: {v}" for k, v in heads.items()) + "\n"
-    print(text)
+    print(text + scale_text)
     if args.markdown:
-        Path(args.markdown).mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/composable.py" + (" --quick" if q else f" --seeds {args.seeds} --scale-rows {args.scale_rows}")
-        (Path(args.markdown) / "composable.md").write_text(f"Generated by `{cmd}`.\n\n" + text.replace("## ", "#### "))
+        out = Path(args.markdown)
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = "python benchmarks/composable.py" + (" --quick" if q else f" --seeds {args.seeds}")
+        if report:
+            (out / "composable.md").write_text(f"Generated by `{cmd} --parts {','.join(p for p in parts if p != 'scale')}`."
+                                               "\n\n" + text.replace("## ", "#### "))
+        if scale_text:
+            scmd = "python benchmarks/composable.py --parts scale" + (
+                " --quick" if q else f" --scale-rows {args.scale_rows} --scale-shards {args.scale_shards}")
+            (out / "composable_scale.md").write_text(f"Generated by `{scmd}`.\n\n" + scale_text.replace("## ", "#### "))
     return 0
 
 
