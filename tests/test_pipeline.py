@@ -12,13 +12,21 @@ import pytest
 from conftest import git
 from mlflow.tracking import MlflowClient
 
+from skmm_pipeline.core.errors import ConfigError, SketchMismatchError
+from skmm_pipeline.core.selection import select
+from skmm_pipeline.core.sketch_engine import GradientSketcher
+from skmm_pipeline.core.sketch_io import read_sketch_shard
 from skmm_pipeline.core.validation import InputError
-from skmm_pipeline.data.shards import ShardError, write_shard
+from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
+from skmm_pipeline.data.pool import load_sketches, reference_rows
+from skmm_pipeline.data.shards import ShardError, read_shard, write_shard
 from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
 from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.demo import SetupError, run_demo
+from skmm_pipeline.evaluation import EvalData
+from skmm_pipeline.models.backbones import load_backbone
 from skmm_pipeline.versioning.dvc_store import SubsetStore, SubsetVersionError
 
 TINY = dict(budget=10, pretrain_epochs=2, log=lambda *_: None)
@@ -164,7 +172,6 @@ def test_failed_versioning_keeps_last_good_version(versioned_project, dagster_ho
 
 
 def test_ft2_evaluation_on_eval_splits_from_the_workspace(versioned_project, dagster_home):
-    from skmm_pipeline.data.digits import load_digits_transfer
 
     project, _ = versioned_project
     data = load_digits_transfer()
@@ -220,12 +227,6 @@ def test_torchvision_backbone_on_image_shards(versioned_project):
 def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's, read
     through the shard reader's threads in odd batches, computed in other blocks."""
-    from skmm_pipeline.core.sketch_engine import GradientSketcher
-    from skmm_pipeline.core.sketch_io import read_sketch_shard
-    from skmm_pipeline.data.digits import write_digits_shards
-    from skmm_pipeline.data.shards import read_shard
-    from skmm_pipeline.evaluation import EvalData
-    from skmm_pipeline.models.backbones import load_backbone
 
     settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
                             sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64,
@@ -259,7 +260,6 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
 def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project):
     """settings.outlier_guard on a pool with planted pure-noise images: the input check, computed by
     raw_shard and cached by content hash, keeps every one of them out of the selection."""
-    from skmm_pipeline.data.digits import load_digits_transfer
 
     project, _ = versioned_project
     settings = SkmmSettings(budget=40, pretrain_epochs=2, uniform_repeats=1, sketch_dim=32, outlier_guard=True)
@@ -301,13 +301,6 @@ def test_selection_matches_the_validation_moment_unless_told_the_pool(project):
     """By default skmm_selection matches the validation split's sketched moment (validation_sketch, made by
     the pool's sketcher and reused while its identity and content stay); reference='pool' matches the pool's.
     Both equal the library's select on the same rows; a validation sketch of another identity is refused."""
-    from skmm_pipeline.core.errors import SketchMismatchError
-    from skmm_pipeline.core.selection import select
-    from skmm_pipeline.core.sketch_io import read_sketch_shard
-    from skmm_pipeline.data.digits import write_digits_shards
-    from skmm_pipeline.data.pool import load_sketches, reference_rows
-    from skmm_pipeline.evaluation import EvalData
-
     config = dict(budget=12, pretrain_epochs=1, sketch_dim=24, seed=5)
     defs = build_definitions(project, settings=SkmmSettings(**config))
     names = write_digits_shards(defs.resources["workspace"].landing)
@@ -329,6 +322,9 @@ def test_selection_matches_the_validation_moment_unless_told_the_pool(project):
         pool_defs = build_definitions(project, settings=SkmmSettings(**config, reference="pool"))
         pooled = pool_defs.resolve_job_def("reselect").execute_in_process(instance=instance, asset_selection=only)
         by_pool = pooled.output_for_node("skmm_selection")
+        bogus = build_definitions(project, settings=SkmmSettings(**config, reference="pooled"))
+        with pytest.raises(ConfigError, match="must be 'validation' or 'pool', got 'pooled'"):
+            bogus.resolve_job_def("reselect").execute_in_process(instance=instance, asset_selection=only[:1])
     G, ids, identity = load_sketches(sketches)
     R = np.asarray(read_sketch_shard(val["path"], identity).rows)
     assert val["rows"] == len(R) == len(EvalData(project / ".skmm" / "eval").val.images)

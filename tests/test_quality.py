@@ -2,8 +2,7 @@
 
 import math
 
-from skmm_pipeline.defs.evaluation import history_points
-from skmm_pipeline.evaluation import comparable, shard_shares, versus_previous, versus_uniform
+from skmm_pipeline.evaluation import comparable, history_points, shard_shares, versus_previous, versus_uniform
 
 
 def test_behind_uniform_means_worse_than_the_mean_by_more_than_one_sem():

@@ -11,6 +11,7 @@ from skmm_pipeline.evaluation import (
     evaluate_selection,
     ft2_history,
     history_plot,
+    history_points,
     subset_grid,
     versus_previous,
     versus_uniform,
@@ -133,22 +134,6 @@ def evaluation_history(context: dg.AssetExecutionContext, limit: int = HISTORY_V
         tag = meta["dvc_tag"].value if "dvc_tag" in meta else None
         history.append({**meta["summary"].value, "metrics": metrics, "dvc_tag": tag})
     return history
-
-
-def history_points(history: list[dict], task: str) -> list[dict]:
-    """The rows :func:`evaluation.history_plot` draws: each version's subset and uniform score (FT-1, or FT-2
-    when the run had no FT-1), with n and pool size; versions of another task are left out."""
-    short = "mae" if task == "regression" else "acc"
-    points = []
-    for h in history:
-        m = h["metrics"]
-        prefix = "" if f"{short}_skmm" in m else "ft2_"
-        if h.get("task") != task or f"{prefix}{short}_skmm" not in m:
-            continue
-        points.append({"tag": h["dvc_tag"], "method": h.get("method"), "n": h.get("n"), "pool_size": h.get("pool_size"),
-                       "selected": m[f"{prefix}{short}_skmm"], "uniform": m.get(f"{prefix}{short}_uniform_mean"),
-                       "uniform_sem": m.get(f"{prefix}{short}_uniform_sem")})
-    return points
 
 
 @dg.asset_check(

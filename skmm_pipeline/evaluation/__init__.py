@@ -60,7 +60,7 @@ from skmm_pipeline.evaluation._finetune import (
 )
 from skmm_pipeline.evaluation._gallery import class_names, shard_grid, subset_grid
 from skmm_pipeline.evaluation._plots import accuracy_plot, history_plot
-from skmm_pipeline.evaluation._quality import comparable, shard_shares, versus_previous, versus_uniform
+from skmm_pipeline.evaluation._quality import comparable, history_points, shard_shares, versus_previous, versus_uniform
 from skmm_pipeline.evaluation._report import (
     image_markdown,
     markdown,
@@ -93,5 +93,5 @@ __all__ = [
     "evaluate_selection", "finetune_tail", "ft1_evaluator", "ft2_evaluator", "ft2_history", "group_baselines", "headline_checks", "paired_difference",
     "image_markdown", "linear_probe", "load_labelled_pool", "load_pool", "macro_f1", "markdown", "method_table",
     "plot_comparison", "ridge_probe", "rows_markdown", "summarize", "summarize_scores", "summary_markdown",
-    "to_json_records", "z_table", "comparable", "shard_shares", "versus_previous", "versus_uniform",
+    "to_json_records", "z_table", "comparable", "history_points", "shard_shares", "versus_previous", "versus_uniform",
 ]

@@ -10,6 +10,7 @@ towards one shard? Pure functions over the pipeline's records, used by the asset
   the picks against the share of rows; a shard is *over-picked* above ``OVERPICK_Z``. A delivery that
   resembles the evaluation data may earn more than its share; a z of 3 says it earns far more than
   chance, which is worth a look (a shifted or duplicated delivery does that to a pool-moment selection).
+* :func:`history_points`: each earlier version's subset and uniform score, the points of the history plot.
 """
 
 from __future__ import annotations
@@ -80,3 +81,19 @@ def shard_shares(picked: Mapping[str, int], shard_rows: Mapping[str, int]) -> li
         rows.append({"shard": name, "rows": int(shard_rows[name]), "pool_share": round(p, 4), "picks": k,
                      "pick_share": round(k / n, 4) if n else 0.0, "z": round(z, 2), "over_picked": bool(z > OVERPICK_Z)})
     return rows
+
+
+def history_points(history: list[dict], task: str) -> list[dict]:
+    """The rows :func:`history_plot` draws: each version's subset and uniform score (FT-1, or FT-2
+    when the run had no FT-1), with n and pool size; versions of another task are left out."""
+    short = "mae" if task == "regression" else "acc"
+    points = []
+    for h in history:
+        m = h["metrics"]
+        prefix = "" if f"{short}_skmm" in m else "ft2_"
+        if h.get("task") != task or f"{prefix}{short}_skmm" not in m:
+            continue
+        points.append({"tag": h["dvc_tag"], "method": h.get("method"), "n": h.get("n"), "pool_size": h.get("pool_size"),
+                       "selected": m[f"{prefix}{short}_skmm"], "uniform": m.get(f"{prefix}{short}_uniform_mean"),
+                       "uniform_sem": m.get(f"{prefix}{short}_uniform_sem")})
+    return points
