@@ -1,6 +1,7 @@
 """Composable selection (per-shard candidates against the pool's moment, one merge) against global selection.
 
-    python benchmarks/composable.py [--seeds 10] [--scale-rows 1000000] [--markdown docs/results]
+    python benchmarks/composable.py [--seeds 10] [--n20-seeds 10] [--grid-c 2,4,8] [--parts quality,grid,...]
+                                    [--scale-rows 1000000] [--markdown docs/results]
     python benchmarks/composable.py --quick        # a smoke run: seconds of work, numbers mean nothing
 
 Four parts, each a table:
@@ -9,7 +10,11 @@ Four parts, each a table:
   gmm-skewed at N = 3000 in 8 shards, c = 2) and the embedded digits pool (FT-1 test accuracy of a
   logistic head on the pool's standardised features; selection on the gradient sketch, m = 128, in 4
   shards): paired over seeds, composable minus global on the score (-log10 risk, or accuracy), its
-  s.e.m., z, the risk (accuracy) ratio and the fraction of seeds covering every cluster (class);
+  s.e.m., z, the risk (accuracy) ratio and the fraction of seeds covering every cluster (class); each
+  also with a reference target (``*-val``: the validation split sketched like the pool for digits, the
+  product's default; rows held out of the GMM draw), and against the noise floor: a second global design
+  as good by the criterion (another start of the same design), whose score differs from the first by
+  what two equally good designs differ by (``within_floor``: composable loses no more than that);
 * shards and c: a GMM of N = 100 000 rows (r = 100, 20 clusters skewed 1:50, m = 80) cut into 4..256
   shards, c in 2, 4, 8;
 * incremental: 64 shards of sketch files, then one more; the shards whose candidates are recomputed
@@ -40,6 +45,7 @@ from skmm_pipeline.core.moment_matching import (
     moment_stats,
     principal_coordinates,
     resolve_ridge,
+    target_stats,
     trace_objective,
 )
 from skmm_pipeline.core.selection import select
@@ -56,18 +62,55 @@ def _split(N: int, shards: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng([seed, shards]).permutation(N), shards)
 
 
-def _objective(G, n: int):
-    """The design's own criterion under the pool's moment, ``tr(Sigma (a I + G_S^T G_S)^{-1})`` in its principal
-    coordinates (what both modes minimise; far less noisy than a risk)."""
-    st = moment_stats(G)
+def _objective(G, n: int, reference=None):
+    """The design's own criterion under the target moment (the pool's, or ``reference``'s rows'),
+    ``tr(Sigma (a I + G_S^T G_S)^{-1})`` in its principal coordinates (what every mode minimises; far less
+    noisy than a risk)."""
+    st = moment_stats(G) if reference is None else target_stats(moment_stats(G), reference)
     k = design_dimension(n, st)
     Z, lam, a = principal_coordinates(G, k, st), st.lam[:k], resolve_ridge("auto", st, n)
     return lambda idx: trace_objective(Z, lam, idx, a)
 
 
-def _composable(G, parts, n, c, seed):
-    idx, _ = composable_select([G[p] for p in parts], n, c=c, seed=seed)
-    return np.concatenate(parts)[idx]
+def _global_alt(G, n: int, seed: int, reference=None) -> np.ndarray:
+    """The noise floor's second global design, as good by the criterion: the same SkMM design (exchanges
+    included) started from randomly pivoted Cholesky pivots drawn with another seed, instead of the exact
+    greedy's deterministic first picks (a permutation of the pool gives the greedy's very rows back)."""
+    return select("skmm", G, n, seed=seed + 10_000, start="rpc", reference=reference).indices
+
+
+def _write_shards(root: Path, G, parts, seed: int) -> dict:
+    records = {}
+    for i, p in enumerate(parts):
+        name = f"s{i:03d}"
+        save_sketch_shard(root / name, G[p], [f"{name}/{r}" for r in range(p.size)], {"seed": seed})
+        records[name] = {"path": str(root / name), "data_version": f"{seed}-{i}", "rows": int(p.size)}
+    return records
+
+
+def _back(res: dict, parts) -> np.ndarray:
+    """A composable_selection's sample ids (``shard/row``) as positions in the pool."""
+    where = {f"s{i:03d}": p for i, p in enumerate(parts)}
+    return np.array([where[s][int(r)] for s, r in (sid.split("/") for sid in res["sample_ids"])])
+
+
+def _composable(G, parts, n, c, seed, reference=None):
+    if reference is None:
+        idx, _ = composable_select([G[p] for p in parts], n, c=c, seed=seed)
+        return np.concatenate(parts)[idx]
+    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's own path: shard files, the target from `reference`
+        records = _write_shards(Path(tmp) / "sk", G, parts, seed)
+        return _back(composable_selection(Path(tmp) / "cache", records, n, c=c, seed=seed, reference=reference), parts)
+
+
+def _designs(G, n, seed, parts, c, reference=None):
+    """(mode, indices): global, its equally good second draw (the noise floor) and composable."""
+    return (("global", select("skmm", G, n, seed=seed, reference=reference).indices),
+            ("global2", _global_alt(G, n, seed, reference)),
+            ("composable", _composable(G, parts, n, c, seed, reference)))
+
+
+HELD_OUT = 300  # GMM rows held out of the pool as the reference target (a draw from the same mixture)
 
 
 def quality_gmm(seeds, variants, shards: int, c: float, quick: bool) -> pd.DataFrame:
@@ -78,17 +121,21 @@ def quality_gmm(seeds, variants, shards: int, c: float, quick: bool) -> pd.DataF
         for seed in seeds:
             g = make_gmm(seed, **spec)
             G = sketch_features(g.X, 4 * k, seed)
+            held = np.random.default_rng([seed, 7]).permutation(len(G))
+            pool, ref = np.sort(held[HELD_OUT:]), held[:HELD_OUT]
             for n in ([int(4.8 * k)] if quick else [int(4.8 * k), 8 * k]):
-                obj = _objective(G, n)
-                for mode, idx in (("global", select("skmm", G, n, seed=seed).indices),
-                                  ("composable", _composable(G, _split(len(G), shards, seed), n, c, seed))):
-                    risk, _ = ridge_cv_risk(g.X, g.y, idx, np.random.default_rng([seed, n]))
-                    rows.append({"scenario": name, "n": n, "seed": seed, "mode": mode, "score": -np.log10(risk),
-                                 "objective": obj(idx), "covered": np.unique(g.cluster[idx]).size == k})
+                for scen, P, R in ((name, np.arange(len(G)), None), (f"{name}-val", pool, G[ref])):
+                    obj = _objective(G[P], n, R)
+                    for mode, idx in _designs(G[P], n, seed, _split(len(P), shards, seed), c, R):
+                        risk, _ = ridge_cv_risk(g.X, g.y, P[idx], np.random.default_rng([seed, n]))
+                        rows.append({"scenario": scen, "n": n, "seed": seed, "mode": mode, "score": -np.log10(risk),
+                                     "objective": obj(idx), "covered": np.unique(g.cluster[P[idx]]).size == k})
     return pd.DataFrame(rows)
 
 
-def quality_digits(seeds, shards: int, c: float, quick: bool) -> pd.DataFrame:
+def quality_digits(seeds, shards: int, c: float, quick: bool, n20_seeds: int) -> pd.DataFrame:
+    """Digits at n = 20, 40, 80 (n = 20 over ``n20_seeds`` seeds, at least ``seeds``), matching the pool's
+    moment (``digits``) and the validation split's sketched like the pool (``digits-val``, the default)."""
     from skmm_pipeline import evaluation as ev  # noqa: PLC0415 - torch models: only this part needs them
     from skmm_pipeline.data.digits import load_digits_transfer  # noqa: PLC0415 - same
     from skmm_pipeline.models.features import standardized_features  # noqa: PLC0415 - same
@@ -98,37 +145,53 @@ def quality_digits(seeds, shards: int, c: float, quick: bool) -> pd.DataFrame:
     model = pretrain(d.source_train.images, d.source_train.labels, 5, epochs=3 if quick else 40, seed=0, threads=2)
     pool_f, (val_f, test_f) = standardized_features(model, d.pool.images, [d.val.images, d.test.images])
     y, k = d.pool.labels, d.num_classes
-    sketches = ev.SeededSketches(model, d.pool.images, sketch_dim=128, kind="gaussian", layers="ft1",
-                                 label_mode="expected", device="cpu")
+    how = dict(sketch_dim=128, kind="gaussian", layers="ft1", label_mode="expected", device="cpu")
+    sketches = ev.SeededSketches(model, d.pool.images, **how)
+    val_sketches = ev.SeededSketches(model, d.val.images, **how)  # label-free: the images only
     rows = []
-    for seed in seeds:
-        G = sketches(seed)
-        for n in ([20] if quick else [20, 40, 80]):
-            obj = _objective(G, n)
-            for mode, idx in (("global", select("skmm", G, n, seed=seed).indices),
-                              ("composable", _composable(G, _split(len(G), shards, seed), n, c, seed))):
-                acc = ev.linear_probe(pool_f[idx], y[idx], val_f, d.val.labels, test_f, d.test.labels, seed=seed)
-                rows.append({"scenario": "digits", "n": n, "seed": seed, "mode": mode, "score": acc.test_accuracy,
-                             "objective": obj(idx), "covered": np.unique(y[idx]).size == k})
+    for seed in range(max(len(seeds), n20_seeds)):
+        G, V = sketches(seed), val_sketches(seed)
+        for n in ([20] if quick or seed >= len(seeds) else [20, 40, 80]):
+            for scen, R in (("digits", None), ("digits-val", V)):
+                obj = _objective(G, n, R)
+                for mode, idx in _designs(G, n, seed, _split(len(G), shards, seed), c, R):
+                    acc = ev.linear_probe(pool_f[idx], y[idx], val_f, d.val.labels, test_f, d.test.labels, seed=seed)
+                    rows.append({"scenario": scen, "n": n, "seed": seed, "mode": mode, "score": acc.test_accuracy,
+                                 "objective": obj(idx), "covered": np.unique(y[idx]).size == k})
     return pd.DataFrame(rows)
 
 
+def _sem(x: pd.Series) -> float:
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def paired(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per group: composable minus global on the score (mean, s.e.m., z), the ratio and the coverage."""
+    """Per group: composable minus global on the score (mean, s.e.m., z), the ratio and the coverage; where a
+    second global design (``global2``) was drawn, the noise floor: ``global2`` minus ``global`` (mean, mean
+    absolute, s.e.m., criterion ratio) and ``within_floor``: composable's mean loss no larger than the mean
+    absolute difference between the two equally good global designs."""
     out = []
     for key, grp in df.groupby(keys, sort=False):
         wide = grp.pivot_table(index="seed", columns="mode", values="score")
         objs = grp.pivot_table(index="seed", columns="mode", values="objective")
         cov = grp.groupby("mode")["covered"].mean()
         diff = wide["composable"] - wide["global"]
-        sem = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        sem = _sem(diff)
         gmm = not str(grp["scenario"].iloc[0]).startswith("digits")
         ratio = float(10 ** (-diff.mean())) if gmm else float(wide["composable"].mean() / wide["global"].mean())
-        out.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "seeds": len(diff),
-                    "global": float(wide["global"].mean()), "composable": float(wide["composable"].mean()),
-                    "diff": float(diff.mean()), "sem": sem, "z": float(diff.mean() / sem) if sem > 0 else 0.0,
-                    "ratio": ratio, "obj_ratio": float((objs["composable"] / objs["global"]).mean()), "within_1sem": bool(diff.mean() >= -sem) if sem == sem else bool(diff.mean() >= 0),
-                    "cov_global": float(cov.get("global", np.nan)), "cov_composable": float(cov.get("composable", np.nan))})
+        row = {**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "seeds": len(diff),
+               "global": float(wide["global"].mean()), "composable": float(wide["composable"].mean()),
+               "diff": float(diff.mean()), "sem": sem, "z": float(diff.mean() / sem) if sem > 1e-12 else 0.0,
+               "ratio": ratio, "obj_ratio": float((objs["composable"] / objs["global"]).mean()),
+               "within_1sem": bool(diff.mean() >= -sem) if sem == sem else bool(diff.mean() >= 0)}
+        if "global2" in wide:
+            floor = (wide["global2"] - wide["global"]).dropna()
+            row.update({"abs_diff": float(diff.abs().mean()), "floor_diff": float(floor.mean()),
+                        "floor_abs": float(floor.abs().mean()), "floor_sem": _sem(floor),
+                        "floor_obj": float((objs["global2"] / objs["global"]).mean()),
+                        "within_floor": bool(diff.mean() >= -floor.abs().mean())})
+        row.update({"cov_global": float(cov.get("global", np.nan)), "cov_composable": float(cov.get("composable", np.nan))})
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -138,17 +201,18 @@ def grid(seeds, N: int, shard_counts, cs, n: int) -> pd.DataFrame:
         g = make_gmm(seed, N=N, r=100, n_clusters=20, skew=50.0)
         G = sketch_features(g.X, 80, seed)
         obj = _objective(G, n)
-        configs = [("global", None, None)] + [("composable", s, c) for s in shard_counts for c in cs]
+        configs = [("global", None, None), ("global2", None, None)] + [("composable", s, c) for s in shard_counts for c in cs]
         for mode, s, c in configs:
             t0 = time.perf_counter()
-            idx = select("skmm", G, n, seed=seed).indices if s is None else _composable(G, _split(N, s, seed), n, c, seed)
+            idx = (select("skmm", G, n, seed=seed).indices if mode == "global" else _global_alt(G, n, seed)
+                   if mode == "global2" else _composable(G, _split(N, s, seed), n, c, seed))
             secs = time.perf_counter() - t0
             risk, _ = ridge_cv_risk(g.X, g.y, idx, np.random.default_rng([seed, n]))
             rows.append({"scenario": "gmm-skewed-100k", "seed": seed, "shards": s, "c": c, "mode": mode,
                          "score": -np.log10(risk), "objective": obj(idx), "covered": np.unique(g.cluster[idx]).size == 20,
                          "seconds": secs})
     df = pd.DataFrame(rows)
-    base = df[df["mode"] == "global"]
+    base = df[df["mode"].isin(["global", "global2"])]
     parts = []
     for (s, c), grp in df[df["mode"] == "composable"].groupby(["shards", "c"]):
         both = pd.concat([base, grp]).assign(shards=s, c=c)
@@ -161,12 +225,8 @@ def grid(seeds, N: int, shard_counts, cs, n: int) -> pd.DataFrame:
 def _gmm_shards(root: Path, seed: int, shards: int, per: int, n_clusters: int = 20):
     g = make_gmm(seed, N=shards * per, r=100, n_clusters=n_clusters, skew=50.0)
     G = sketch_features(g.X, 80, seed).astype(np.float32)
-    parts, records = _split(len(G), shards, seed), {}
-    for i, p in enumerate(parts):
-        name = f"s{i:03d}"
-        save_sketch_shard(root / name, G[p], [f"{name}/{r}" for r in range(p.size)], {"seed": seed})
-        records[name] = {"path": str(root / name), "data_version": f"{seed}-{i}", "rows": int(p.size)}
-    return g, G, parts, records
+    parts = _split(len(G), shards, seed)
+    return g, G, parts, _write_shards(root, G, parts, seed)
 
 
 def incremental(seeds, base: int, per: int, n: int, c: float) -> pd.DataFrame:
@@ -190,7 +250,7 @@ def incremental(seeds, base: int, per: int, n: int, c: float) -> pd.DataFrame:
                                          pool_moment([*(shard_moment(G[where[k]]) for k in names[:base]),
                                                       shard_moment(shifted)]).sigma)
             for mode, res in (("incremental", grown), ("full", full)):
-                idx = np.array([where[s][int(r)] for s, r in (sid.split("/") for sid in res["sample_ids"])])
+                idx = _back(res, parts)
                 risk, _ = ridge_cv_risk(g.X, g.y, idx, np.random.default_rng([seed, n]))
                 work = sum(records[k]["rows"] for k in res["recomputed"]) / sum(r["rows"] for r in records.values())
                 rows.append({"seed": seed, "mode": mode, "recomputed": len(res["recomputed"]), "work": work,
@@ -272,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-m", type=int, default=256)
     ap.add_argument("--scale-shards", type=int, default=128)
     ap.add_argument("--markdown", help="write composable.md (and composable_scale.md) into this folder")
+    ap.add_argument("--grid-c", default="2,4,8", help="the c values of the shards-and-c grid (comma-separated)")
+    ap.add_argument("--n20-seeds", type=int, default=10, help="seeds for digits at n = 20 (borderline; at least --seeds)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)")
     ap.add_argument("--scale-worker", choices=("write", "select"), help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
@@ -290,26 +352,37 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report: list[str] = []
     heads: dict[str, str] = {}
-    within, settings = 0, 0
+    within, floor_ok, settings = 0, 0, 0
     if "quality" in parts:
         qual = pd.concat([quality_gmm(seeds, ["gmm-paper"] if q else list(GMM_VARIANTS), 8, 2.0, q),
-                          quality_digits(seeds, 4, 2.0, q)], ignore_index=True)
+                          quality_digits(seeds, 4, 2.0, q, 2 if q else args.n20_seeds)], ignore_index=True)
         q_table = paired(qual, ["scenario", "n"])
         within, settings = within + int(q_table["within_1sem"].sum()), settings + len(q_table)
+        floor_ok += int(q_table["within_floor"].sum())
         report += [
             "## Quality: composable (c = 2; GMM in 8 shards, digits in 4) vs global, paired over seeds",
             "score: -log10 ridge risk (GMM) or FT-1 test accuracy (digits); diff = composable - global; ratio: risk "
-            "ratio (GMM, < 1 is better) or accuracy ratio (digits); obj_ratio: the design criterion under the pool's "
+            "ratio (GMM, < 1 is better) or accuracy ratio (digits); obj_ratio: the design criterion under the target "
             "moment, composable / global (1 = as good); cov: fraction of seeds covering every cluster/class",
+            "*-val: the target is a reference's moment, not the pool's: the validation split sketched like the pool "
+            f"(digits), or {HELD_OUT} rows held out of the GMM draw (the pool is the rest)",
+            "noise floor: global2 is a second global design as good by the criterion (the same SkMM design and "
+            "exchanges from a randomly pivoted Cholesky start, another seed; floor_obj = its criterion / global's); "
+            "floor_diff, floor_abs, floor_sem: mean, mean absolute and s.e.m. of global2 - global; abs_diff: mean "
+            "|composable - global|; within_floor: diff >= -floor_abs (composable loses no more than two equally "
+            "good global designs differ by)",
             "", md_table(q_table), ""]
     if "grid" in parts:
         N = 20_000 if q else 100_000
-        g_table = grid(seeds, N, [4, 16] if q else [4, 16, 64, 256], [2] if q else [2, 4, 8], 96)
+        grid_c = [2] if q else [float(v) for v in args.grid_c.split(",")]
+        g_table = grid(seeds, N, [4, 16] if q else [4, 16, 64, 256], grid_c, 96)
         within, settings = within + int(g_table["within_1sem"].sum()), settings + len(g_table)
+        floor_ok += int(g_table["within_floor"].sum())
         report += [f"## Shards and c: GMM, 20 clusters skewed 1:50, N = {N}, n = 96 (global vs composable)",
                    "", md_table(g_table), ""]
     if settings:
         heads["quality_within_one_sem"] = f"{within}/{settings}"
+        heads["quality_within_floor"] = f"{floor_ok}/{settings}"
     if "incremental" in parts:
         base = 8 if q else 64
         inc = incremental(seeds, base, 300 if q else 1000, 96, 2.0)
@@ -343,7 +416,8 @@ def main(argv=None) -> int:
     if args.markdown:
         out = Path(args.markdown)
         out.mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/composable.py" + (" --quick" if q else f" --seeds {args.seeds}")
+        cmd = "python benchmarks/composable.py" + (" --quick" if q else f" --seeds {args.seeds} --n20-seeds "
+                                                   f"{args.n20_seeds} --grid-c {args.grid_c}")
         if report:
             (out / "composable.md").write_text(f"Generated by `{cmd} --parts {','.join(p for p in parts if p != 'scale')}`."
                                                "\n\n" + text.replace("## ", "#### "))
