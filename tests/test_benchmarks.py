@@ -24,6 +24,7 @@ EXPECT = {
     "scenarios.py": "Goals per scenario",
     "versions_list_speed.py": "list_seconds",
     "composable.py": "incremental_candidate_work_ratio",
+    "composable_dagster.py": "dagster_to_in_process_wall_ratio",
 }
 
 
