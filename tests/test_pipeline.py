@@ -20,8 +20,8 @@ from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.digits import load_digits_transfer, write_digits_shards
 from skmm_pipeline.data.pool import load_sketches, reference_rows
 from skmm_pipeline.data.shards import ShardError, read_shard, write_shard
+from skmm_pipeline.definitions import COMPOSABLE_ASSETS, build_definitions
 from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
-from skmm_pipeline.definitions import build_definitions
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
 from skmm_pipeline.demo import SetupError, run_demo
@@ -335,3 +335,26 @@ def test_selection_matches_the_validation_moment_unless_told_the_pool(project):
     assert reference_rows(val, identity, "uniform") is None  # a method without a reference option ignores it
     with pytest.raises(SketchMismatchError, match="validation sketch does not match"):
         reference_rows(val, {**identity, "seed": 99}, "skmm")
+
+
+def test_a_pool_of_one_shard_runs_every_step(versioned_project):
+    """Dagster hands a non-partitioned asset the bare value of a partitioned input that spans one shard (a
+    mapping for two or more): selection, checks, versioning, evaluation and the composable moment still run."""
+    project, _ = versioned_project
+    settings = SkmmSettings(budget=8, pretrain_epochs=1, sketch_dim=16, uniform_repeats=2)
+    defs = build_definitions(project, settings=settings)
+    name = write_digits_shards(defs.resources["workspace"].landing)[0]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(shard_partitions.name, [name])
+        assert defs.resolve_job_def("pretrain").execute_in_process(instance=instance).success
+        assert defs.resolve_job_def("sketch_shard").execute_in_process(instance=instance, partition_key=name).success
+        run = defs.resolve_job_def("reselect").execute_in_process(instance=instance)
+        assert all(e.passed for e in run.get_asset_check_evaluations() if e.severity == dg.AssetCheckSeverity.ERROR)
+        chosen = run.output_for_node("skmm_selection")
+        assert len(chosen["sample_ids"]) == 8 and {s.split("/")[0] for s in chosen["sample_ids"]} == {name}
+        assert run.output_for_node("finetune_eval")["summary"]["pool_size"] == chosen["pool_size"]
+        assets = [*ALL_ASSETS, *COMPOSABLE_ASSETS]
+        dg.materialize(assets, selection=["shard_moment"], partition_key=name, instance=instance, resources=defs.resources)
+        pooled = dg.materialize(assets, selection=["pool_moment"], instance=instance, resources=defs.resources)
+        assert pooled.output_for_node("pool_moment")["rows"] == chosen["pool_size"]
+    assert [v.tag for v in SubsetStore(str(project)).list_versions()] == ["subset-v0001"]

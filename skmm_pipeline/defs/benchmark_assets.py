@@ -25,6 +25,7 @@ from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.selection import SELECTORS
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.data.pool import load_sketches
+from skmm_pipeline.defs.ingest import by_shard
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 from skmm_pipeline.models.backbones import finetune_split
 from skmm_pipeline.models.features import standardized_features
@@ -106,6 +107,8 @@ def method_benchmark(
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
     check_config(config)
+    raw_shard = by_shard(context, "raw_shard", raw_shard)
+    gradient_sketch = by_shard(context, "gradient_sketch", gradient_sketch)
     t0 = time.perf_counter()
     ev = cmp.EvalData(workspace.evaluation)
     if ev.task != "classification":

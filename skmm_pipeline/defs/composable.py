@@ -23,7 +23,7 @@ from skmm_pipeline.data.composable import (
     selection_target,
 )
 from skmm_pipeline.data.pool import picked_per_shard, reference_rows, selection_record
-from skmm_pipeline.defs.ingest import shard_partitions
+from skmm_pipeline.defs.ingest import by_shard, shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 
 
@@ -54,7 +54,8 @@ def shard_moment(context: dg.AssetExecutionContext, gradient_sketch: dict, works
     kinds={"numpy"},
     description="The pool's sketched second moment: the sum of every shard's, refused across sketch identities.",
 )
-def pool_moment(shard_moment: dict, workspace: Workspace) -> dg.Output[dict]:
+def pool_moment(context: dg.AssetExecutionContext, shard_moment: dict, workspace: Workspace) -> dg.Output[dict]:
+    shard_moment = by_shard(context, "shard_moment", shard_moment)
     first = shard_moment[min(shard_moment)]
     moment, _ = pool_moment_of(cache_dir(workspace, first), shard_moment)
     version = json_hash(sorted((name, rec["data_version"]) for name, rec in shard_moment.items()))

@@ -4,6 +4,7 @@ the full pool (``evaluation.evaluate_selection``) and logs the results to MLflow
 import dagster as dg
 
 from skmm_pipeline.core.faults import kill_point
+from skmm_pipeline.defs.ingest import by_shard
 from skmm_pipeline.defs.metadata import embedded_image, linked_image, table
 from skmm_pipeline.defs.resources import MlflowTracking, SkmmSettings, Workspace
 from skmm_pipeline.evaluation import (
@@ -39,8 +40,9 @@ def finetune_eval(
     workspace: Workspace,
     mlflow: MlflowTracking,
 ) -> dg.Output[dict]:
+    shards = by_shard(context, "raw_shard", raw_shard)
     result = evaluate_selection(
-        raw_shard, pretrained_model["path"], workspace.evaluation, skmm_selection, device=settings.device,
+        shards, pretrained_model["path"], workspace.evaluation, skmm_selection, device=settings.device,
         finetune_mode=settings.finetune_mode, seed=settings.seed, uniform_repeats=settings.uniform_repeats,
         label_mode=settings.label_mode, backbone=settings.backbone)
     task, rows, metrics, plot = result.task, result.rows, result.metrics, result.plot
@@ -66,7 +68,7 @@ def finetune_eval(
     tags = run_tags(context.run_id, "finetune_eval", version=subset_version,
                     **{"mlflow.note.content": dagster_note(context.run_id, mlflow.dagster_url, "finetune_eval")})
     plot_name = "mae.png" if task == "regression" else "accuracy.png"
-    grid = subset_grid(skmm_selection["sample_ids"], {name: rec["path"] for name, rec in raw_shard.items()},
+    grid = subset_grid(skmm_selection["sample_ids"], {name: rec["path"] for name, rec in shards.items()},
                        title=f"{subset_version['tag']}: {result.method}, n={result.n} of {result.pool_size}")
     versions = history_points([*history, {**summary, "metrics": metrics, "dvc_tag": subset_version["tag"]}], task)
     timeline = history_plot(versions, *(("FT-1 MAE", 1.0) if task == "regression" else ("test accuracy (%)", 100.0)))

@@ -26,6 +26,19 @@ from skmm_pipeline.models.backbones import default_transform
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 
 
+def by_shard(context, name: str, value) -> dict:
+    """Input ``name``, a ``shards``-partitioned asset read by a non-partitioned one (or by a check), as
+    ``{shard: value}``. Dagster's file IO managers hand over that mapping when the input spans several
+    shards, but the bare value when it spans exactly one (and ``None`` for none): a pool of one shard
+    must work like any other."""
+    if value is None:
+        return {}
+    keys = list(context.op_execution_context.asset_partition_keys_for_input(name))
+    if len(keys) == 1 and not (isinstance(value, dict) and list(value) == keys):
+        return {keys[0]: value}
+    return value
+
+
 def shard_contract(workspace: Workspace, settings: SkmmSettings):
     """What every pool shard must be for this run, from the evaluation splits and the settings."""
     # Shape, task and classes only: the splits' pixels are verified where they are used, not per shard.

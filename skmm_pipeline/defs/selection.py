@@ -20,7 +20,7 @@ from skmm_pipeline.data.pool import (
     unstructured_rows,
 )
 from skmm_pipeline.defs.composable import composable_output, selection_mode
-from skmm_pipeline.defs.ingest import shard_partitions
+from skmm_pipeline.defs.ingest import by_shard, shard_partitions
 from skmm_pipeline.defs.metadata import embedded_image, key_values, table
 from skmm_pipeline.defs.resources import SkmmSettings, Workspace
 from skmm_pipeline.evaluation import class_names, shard_shares, subset_grid
@@ -38,6 +38,7 @@ def skmm_selection(
     context: dg.AssetExecutionContext, gradient_sketch: dict, validation_sketch: dict, settings: SkmmSettings,
     workspace: Workspace,
 ) -> dg.Output[dict]:
+    gradient_sketch = by_shard(context, "gradient_sketch", gradient_sketch)
     if selection_mode(settings, gradient_sketch) == "composable":
         return composable_output(gradient_sketch, validation_sketch, settings, workspace)
     G, ids, identity = load_sketches(gradient_sketch)
@@ -126,8 +127,9 @@ def moment_ratio_above_threshold(skmm_selection: dict, settings: SkmmSettings) -
     additional_ins={"gradient_sketch": dg.AssetIn()},
     description="All shard sketches joined by the selection were made with one sketch identity.",
 )
-def single_sketch_identity(skmm_selection: dict, gradient_sketch: dict) -> dg.AssetCheckResult:
-    identities = sketch_identities(gradient_sketch)
+def single_sketch_identity(context: dg.AssetCheckExecutionContext, skmm_selection: dict,
+                           gradient_sketch: dict) -> dg.AssetCheckResult:
+    identities = sketch_identities(by_shard(context, "gradient_sketch", gradient_sketch))
     passed, distinct = single_identity(identities, skmm_selection["sketch_identity"])
     return dg.AssetCheckResult(passed=passed, metadata={"shards": len(identities), "distinct_identities": distinct})
 
