@@ -48,8 +48,11 @@ with SubsetStore(sys.argv[1])._locked():
 
 
 def spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # SIGINT back to its default: a suite started in the background (``cmd &`` without job control) hands
+    # its children an ignored SIGINT, and Python then installs no KeyboardInterrupt for Ctrl-C.
     return subprocess.Popen([sys.executable, *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT, start_new_session=True)
+                            cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt(proc: subprocess.Popen, log: Path, waiting: str, timeout: float) -> str:
