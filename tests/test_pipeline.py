@@ -172,7 +172,6 @@ def test_failed_versioning_keeps_last_good_version(versioned_project, dagster_ho
 
 
 def test_ft2_evaluation_on_eval_splits_from_the_workspace(versioned_project, dagster_home):
-
     project, _ = versioned_project
     data = load_digits_transfer()
     eval_dir = project / ".skmm" / "eval"
@@ -227,7 +226,6 @@ def test_torchvision_backbone_on_image_shards(versioned_project):
 def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's, read
     through the shard reader's threads in odd batches, computed in other blocks."""
-
     settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
                             sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64,
                             batch_size=7, loader_workers=2, sketch_block_rows=48)  # reader threads, odd batches
@@ -260,7 +258,6 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
 def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project):
     """settings.outlier_guard on a pool with planted pure-noise images: the input check, computed by
     raw_shard and cached by content hash, keeps every one of them out of the selection."""
-
     project, _ = versioned_project
     settings = SkmmSettings(budget=40, pretrain_epochs=2, uniform_repeats=1, sketch_dim=32, outlier_guard=True)
     defs = build_definitions(project, settings=settings)

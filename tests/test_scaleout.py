@@ -42,7 +42,7 @@ def test_sketch_and_candidate_steps_run_on_a_celery_worker(project, tmp_path):
     worker_cfg.write_text(f"execution:\n  config:\n    broker: {broker}\n    backend: {backend}\n")
 
     names = write_digits_shards(project / ".skmm" / "landing", 2)
-    # Two shards: with one, Dagster hands the pool-wide assets that shard's value instead of {shard: value}.
+    # Two shards: one sketched through the worker, the other at the same time in a local process.
     dg.DagsterInstance.from_config(str(home)).add_dynamic_partitions("shards", names)
     redis = start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                   tmp_path / "redis.log")

@@ -21,6 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.atomic import atomic_save_npz
 from skmm_pipeline.core.composable import (
     DEFAULT_C,
@@ -36,7 +37,6 @@ from skmm_pipeline.core.composable import (
     shard_moment_from_file,
     shard_seed,
 )
-from skmm_pipeline.core import defaults
 from skmm_pipeline.core.errors import ConfigError, SketchMismatchError
 from skmm_pipeline.core.hashing import json_hash
 from skmm_pipeline.core.sketch_io import read_sketch_shard

@@ -21,10 +21,10 @@ from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.shards import ShardError, check_shard_name
 from skmm_pipeline.data.vision import (
     CIFAR10,
+    SMALL_CNN_TRANSFORM,
     DataError,
     ImageCSV,
     ImageFolder,
-    SMALL_CNN_TRANSFORM,
     ImageTransform,
     split_indices,
     write_shards,

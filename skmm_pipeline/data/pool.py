@@ -12,9 +12,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.errors import SketchMismatchError
 from skmm_pipeline.core.hashing import fingerprint_of
-from skmm_pipeline.core.atomic import atomic_write_bytes
 from skmm_pipeline.core.outliers import lacks_structure, spatial_structure
 from skmm_pipeline.core.selection import method_options
 from skmm_pipeline.core.sketch_io import canonical_identity, load_sketch_shards, read_sketch_shard
