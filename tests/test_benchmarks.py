@@ -25,6 +25,7 @@ EXPECT = {
     "versions_list_speed.py": "list_seconds",
     "composable.py": "incremental_candidate_work_ratio",
     "composable_dagster.py": "dagster_to_in_process_wall_ratio",
+    "class_probes.py": "## Selection, digits transfer",
 }
 
 

@@ -22,7 +22,7 @@ from skmm_pipeline.core.gradients import (
     vmap_layer_jacobians,
 )
 from skmm_pipeline.core.sketch import make_sketch
-from skmm_pipeline.core.sketch_engine import GradientSketcher, calibrate_block_scales, sketch_gradients
+from skmm_pipeline.core.sketch_engine import GradientSketcher, SketchConfig, calibrate_block_scales, sketch_gradients
 from skmm_pipeline.core.sketch_io import SketchShardWriter, read_sketch_shard
 from skmm_pipeline.core.validation import InputError
 from skmm_pipeline.models.small_cnn import SmallCNN, sketch_head_gradients
@@ -226,6 +226,65 @@ def test_expected_rows_represent_the_expected_moment(name):
         else:
             expanded.append(part.reshape(len(x), K - 1, -1))
     assert rel(torch.cat(expanded, dim=2), full) <= 1e-5
+
+
+def test_sketched_class_probes_are_a_seeded_unbiased_sketch_of_the_class_space():
+    """With more classes than ``class_probes``, a deep block's rows are vec(Q J_i) for a seeded r x K
+    sketch Q of the Helmert basis P: r output gradients per sample instead of K - 1, E[Q^T Q] = P^T P,
+    the same Q for the same seed in any batch; the logits layer's exact row is untouched."""
+    torch.manual_seed(0)
+    K, r = 12, 3
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, K)).eval()
+    x = torch.randn(20, 6)
+    sk = GradientSketcher(model, 16, layers="ft2", label_mode="expected", seed=4, class_probes=r, block_rows=16)
+    G = sk.gradients(x).double()
+    assert sk.identity["class_probes"] == r
+    assert [b["shape"] for b in sk.identity["blocks"]] == [[r * 8, 7], [1, 9]]
+    Q = class_probes(K, "expected", r, seed=4)
+    J = vmap_layer_jacobians(model, x, "ft2").double()  # (B, K, r_params); the deep block comes first
+    deep = torch.einsum("ck,bkr->bcr", Q, J[:, :, : 8 * 7]).reshape(len(x), -1)
+    assert rel(G[:, : r * 8 * 7], deep) <= 1e-5
+    exact = GradientSketcher(model, 16, layers="ft2", label_mode="expected", class_probes=None).gradients(x)
+    torch.testing.assert_close(G[:, r * 8 * 7 :].float(), exact[:, (K - 1) * 8 * 7 :])  # the head's row
+    # A pure function of (seed, K, r): rows bit-identical across block sizes and batches, another seed differs.
+    rows = sk.sketch(x.numpy(), batch_size=7)
+    again = GradientSketcher(model, 16, layers="ft2", seed=4, class_probes=r, block_rows=32).sketch(x.numpy())
+    np.testing.assert_array_equal(rows, again)
+    assert torch.equal(Q, class_probes(K, "expected", r, seed=4))
+    assert not torch.equal(Q, class_probes(K, "expected", r, seed=5))
+    # Unbiased: the mean of Q^T Q over seeds tends to P^T P (error shrinking like 1/sqrt(seeds)).
+    P = class_probes(K, "expected")
+    errors = {}
+    acc = torch.zeros(K, K, dtype=torch.float64)
+    for s in range(1600):
+        Qs = class_probes(K, "expected", r, seed=s)
+        acc += Qs.T @ Qs
+        if s + 1 in (100, 1600):
+            errors[s + 1] = rel(acc / (s + 1), P.T @ P)
+    assert errors[1600] < 0.1 and errors[1600] < 0.45 * errors[100], errors
+
+
+def test_class_probes_change_nothing_where_the_class_space_is_small_enough():
+    """At or above K - 1 probes, and for FT-1 (the logits layer alone), rows and identity are those
+    of the exact basis; sketches made before the setting existed keep their identity."""
+    model, layers, x = case("ft2-mlp", n=20)  # 5 classes: 4 probes
+    base = GradientSketcher(model, 16, layers=layers, class_probes=None)
+    rows = base.sketch(x.numpy())
+    for r in (4, 16):
+        sk = GradientSketcher(model, 16, layers=layers, class_probes=r)
+        np.testing.assert_array_equal(sk.sketch(x.numpy()), rows)
+        assert sk.identity == base.identity and "class_probes" not in sk.identity
+    ft1 = GradientSketcher(model, 16, layers="ft1", class_probes=1)
+    np.testing.assert_array_equal(ft1.sketch(x.numpy()), GradientSketcher(model, 16, class_probes=None).sketch(x.numpy()))
+    assert "class_probes" not in ft1.identity
+    sketched = GradientSketcher(model, 16, layers=layers, class_probes=2)
+    sketched.prepare(x)
+    config = SketchConfig.from_identity(sketched.identity)
+    assert config.class_probes == 2
+    assert config.sketcher(model, seed=0).prepare(x).identity == sketched.identity
+    assert SketchConfig.from_identity(base.identity).class_probes is None
+    with pytest.raises(InputError, match="class_probes"):
+        GradientSketcher(model, 8, layers=layers, class_probes=0)
 
 
 def test_jacobian_mode_gives_features_for_regression():

@@ -223,10 +223,12 @@ def test_torchvision_backbone_on_image_shards(versioned_project):
     assert model["sketch_identity"]["gradient_dim"] == 513  # resnet18 features + bias (label-free Jacobian rows)
 
 
-def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
-    """gradient_sketch with the last two layers and random labels: the rows on disk are the engine's, read
-    through the shard reader's threads in odd batches, computed in other blocks."""
-    settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", label_mode="random", label_draws=2,
+@pytest.mark.parametrize("labels", [dict(label_mode="random", label_draws=2), dict(label_mode="expected", class_probes=2)],
+                         ids=["random-labels", "sketched-class-probes"])
+def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project, labels):
+    """gradient_sketch with the last two layers, random labels or a sketched class space: the rows on disk are
+    the engine's, read through the shard reader's threads in odd batches, computed in other blocks."""
+    settings = SkmmSettings(pretrain_epochs=1, sketch_layers="ft2", **labels,
                             sketch_kind="tensorsketch", sketch_dim=32, seed=3, calibration_rows=64,
                             batch_size=7, loader_workers=2, sketch_block_rows=48)  # reader threads, odd batches
     defs = build_definitions(project, settings=settings)
@@ -245,11 +247,13 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project):
     assert [b["kind"] for b in ident["blocks"]] == ["tensorsketch", "tensorsketch"]
     scales = {b["name"]: b["scale"] for b in ident["blocks"]}
     assert len(scales) == 2 and all(v > 0 for v in scales.values()) and len(set(scales.values())) == 2
-    assert ident["label_mode"] == "random" and ident["draws"] == 2 and ident["seed"] == 3
+    assert ident["label_mode"] == labels["label_mode"] and ident["draws"] == labels.get("label_draws", 1)
+    assert ident["seed"] == 3 and ident.get("class_probes") == labels.get("class_probes")
     # The same rows from the library, given the same model, calibration rows and settings.
     model = load_backbone(Path(model_path))
     data = read_shard(ws.landing / f"{names[0]}.npz")
-    sk = GradientSketcher(model, 32, kind="tensorsketch", seed=3, layers="ft2", label_mode="random", draws=2,
+    sk = GradientSketcher(model, 32, kind="tensorsketch", seed=3, layers="ft2", label_mode=labels["label_mode"],
+                          draws=labels.get("label_draws", 1), class_probes=labels.get("class_probes"),
                           block_scales=scales, model_id=ident["model_id"], device="cpu")
     assert np.array_equal(sk.sketch(data.images, sample_ids=data.ids), np.asarray(shard.rows))
     assert len(EvalData(ws.evaluation).val.images) >= 64

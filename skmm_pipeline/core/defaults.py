@@ -3,6 +3,9 @@
 SEED = 0
 BUDGET = 40  # samples selected per version
 SKETCH_DIM = 128  # m of the gradient sketch
+# Label-free FT-2 and deeper: a deep block's gradient is taken along at most this many class-space
+# directions (a seeded sketch of the class space when the model has more classes; None: all, exact).
+CLASS_PROBES = 16
 DEMO_SHARDS = 3  # shards the embedded pool lands in
 BENCHMARK_SEEDS = 5
 BENCHMARK_BUDGETS = (10, 20, 40, 80, 160)

@@ -41,12 +41,15 @@ class SkmmSettings(dg.ConfigurableResource):
     # "tensorsketch", "countsketch" or "gaussian". sketch_layers: "ft1" (the head) or "ft2" (the last
     # two finetuned layers; their blocks are balanced by calibrate_block_scales on the first
     # calibration_rows validation images). label_mode: "expected" (label-free), "random"
-    # (label_draws seeded draws per sample) or "true". precision: float16/bfloat16 autocast on CUDA.
+    # (label_draws seeded draws per sample) or "true". class_probes: with "expected", the most class-space
+    # directions a deep (FT-2) block's gradient is taken along; a model with more classes gets a seeded
+    # sketch of its class space (0: all classes, exact). precision: float16/bfloat16 autocast on CUDA.
     sketch_kind: str = "auto"
     sketch_dim: int = defaults.SKETCH_DIM
     sketch_layers: str = "ft1"
     label_mode: str = "expected"
     label_draws: int = 1
+    class_probes: int = defaults.CLASS_PROBES
     balance_blocks: bool = True
     calibration_rows: int = 512
     precision: str = "float32"

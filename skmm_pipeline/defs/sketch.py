@@ -68,7 +68,7 @@ def block_scales_for(model, settings: SkmmSettings, workspace: Workspace, device
         return None
     rows = EvalData(workspace.evaluation).val.images[: max(1, settings.calibration_rows)]
     return calibrate_block_scales(model, rows, layers=settings.sketch_layers, label_mode="expected",
-                                  seed=settings.seed, device=device)
+                                  seed=settings.seed, device=device, class_probes=settings.class_probes or None)
 
 
 def write_sketch(stem: Path, sketcher, shard, settings: SkmmSettings) -> None:
@@ -85,6 +85,7 @@ def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id:
         settings.sketch_dim, kind=settings.sketch_kind, layers=settings.sketch_layers, label_mode=settings.label_mode,
         draws=settings.label_draws, block_scales=block_scales_for(model, settings, workspace, device),
         model_id=model_id, precision=settings.precision, block_rows=settings.sketch_block_rows or None,
+        class_probes=settings.class_probes or None,
     )
     return config.sketcher(model, settings.seed, device)
 

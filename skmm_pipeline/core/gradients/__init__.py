@@ -31,6 +31,11 @@ Label modes (the loss whose gradient is taken; ``logits = z``, ``p = softmax(z)`
     (FT-1) therefore sketches ``x~_i`` alone, and then every moment criterion over subsets is exact
     (the moment is ``C (x) sum_i x~_i x~_i^T``). Dropped: the per-sample rank-one term
     ``(p_i - u)(p_i - u)^T`` of a non-uniform softmax (``random`` keeps it).
+    A deep block needs one output gradient per row of ``P`` (K - 1 backward probes). With
+    ``class_probes = r < K - 1`` the class space is sketched instead: ``P`` becomes ``S P / sqrt(r)``
+    for a seeded r x (K - 1) Rademacher ``S`` (:func:`.labels.class_probes`), the same for every
+    sample, so the rows are a fixed linear map of the exact ones with unbiased inner products, at r
+    probes. The logits layer's block stays exact.
 ``random``
     Uniformly random labels, ``draws`` of them per sample, drawn from ``(seed, sample id, draw)``
     alone so that every split of the data into batches or shards draws the same labels. The draws are
@@ -64,6 +69,7 @@ from skmm_pipeline.core.gradients.labels import (
     gradient_dim,
     head_gradient_rows,
     label_weighted_delta,
+    probe_count,
     sample_keys,
     softmax_ce_delta,
 )
@@ -96,6 +102,7 @@ __all__ = [
     "label_weighted_delta",
     "layer_dims",
     "layer_param_names",
+    "probe_count",
     "resolve_layers",
     "sample_keys",
     "softmax_ce_delta",

@@ -22,6 +22,7 @@ from skmm_pipeline.core.gradients.labels import (
     class_probes,
     draw_random_labels,
     label_weighted_delta,
+    probe_count,
     softmax_ce_delta,
 )
 from skmm_pipeline.core.gradients.layers import (
@@ -81,9 +82,13 @@ class GradientFactorizer:
         label_mode: str = "expected",
         draws: int = 1,
         seed: int = 0,
+        class_probes: int | None = None,
     ):
         check_label_mode(label_mode)
         draws = check_int(draws, "draws", minimum=1)
+        # Label-free modes only: how many class-space directions a deep block's gradient is taken along
+        # (None: all of them, exact; fewer: a seeded sketch of the class space, labels.class_probes).
+        self.class_probes = check_int(class_probes, "class_probes", minimum=1, optional=True)
         if label_mode != "random" and draws != 1:
             raise InputError(f"draws={draws} only applies to label_mode='random'")
         self.model = model
@@ -119,12 +124,21 @@ class GradientFactorizer:
         return shapes
 
     def _n_probes(self) -> int:
-        return self.num_classes - 1 if self.label_mode == "expected" else self.num_classes
+        return probe_count(self.num_classes, self.label_mode, self.class_probes)
+
+    @property
+    def probes_sketched(self) -> bool:
+        """True when a deep block's class space is sketched (fewer probes than the exact basis has rows)."""
+        if self.num_classes is None:
+            raise RuntimeError("known after the first batch has been factorised")
+        deep = any(n != self.logits_layer for n in self.layer_names)
+        return self.label_free and deep and self._n_probes() < probe_count(self.num_classes, self.label_mode)
 
     def probes(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
         if key not in self._probes:
-            self._probes[key] = class_probes(self.num_classes, self.label_mode).to(device=device, dtype=dtype)
+            P = class_probes(self.num_classes, self.label_mode, self.class_probes, self.seed)
+            self._probes[key] = P.to(device=device, dtype=dtype)
         return self._probes[key]
 
     def cotangent(self, logits: torch.Tensor, labels=None, keys: np.ndarray | None = None,

@@ -142,18 +142,36 @@ def draw_random_labels(keys: np.ndarray, num_classes: int, draws: int, seed: int
     return labels, signs
 
 
-def class_probes(num_classes: int, label_mode: str) -> torch.Tensor:
-    """The fixed class-space basis ``P`` (R x K, unit Frobenius norm) of the label-free modes.
+def class_probes(num_classes: int, label_mode: str, probes: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The class-space basis ``P`` (R x K) of the label-free modes, of unit Frobenius norm (in expectation
+    when sketched).
 
     ``expected``: Helmert rows spanning the centred classes (``P^T P = (I - 11^T/K)/(K-1)``);
-    ``jacobian``: ``I/sqrt(K)``.
+    ``jacobian``: ``I/sqrt(K)``. With ``probes`` = r below that basis' R rows, the basis is sketched
+    in class space: ``S P / sqrt(r)`` with ``S`` a seeded r x R Rademacher matrix (a pure function of
+    ``(seed, K, r, mode)``), so that ``E[P_r^T P_r] = P^T P`` and the rows' inner products are unbiased.
+    A deep block then needs r output gradients per sample instead of R (see ``core.gradients``).
     """
     K = int(num_classes)
     if label_mode == "jacobian":
-        return torch.eye(K, dtype=torch.float64) / math.sqrt(K)
-    if K < 2:
-        raise InputError(f"label_mode='expected' needs at least 2 classes, the model has {K} output(s)")
-    k = torch.arange(1, K, dtype=torch.float64)[:, None]  # row k has k ones, then -k
-    col = torch.arange(K, dtype=torch.float64)[None, :]
-    H = torch.where(col < k, 1.0, torch.where(col == k, -k, 0.0)) / torch.sqrt(k * (k + 1))
-    return H / math.sqrt(K - 1)
+        basis = torch.eye(K, dtype=torch.float64) / math.sqrt(K)
+    else:
+        if K < 2:
+            raise InputError(f"label_mode='expected' needs at least 2 classes, the model has {K} output(s)")
+        k = torch.arange(1, K, dtype=torch.float64)[:, None]  # row k has k ones, then -k
+        col = torch.arange(K, dtype=torch.float64)[None, :]
+        H = torch.where(col < k, 1.0, torch.where(col == k, -k, 0.0)) / torch.sqrt(k * (k + 1))
+        basis = H / math.sqrt(K - 1)
+    r = probe_count(K, label_mode, probes)
+    if r == basis.shape[0]:
+        return basis
+    rng = np.random.default_rng(derive_seed(seed, "class-probes", label_mode, K, r))
+    signs = torch.as_tensor(rng.integers(0, 2, size=(r, basis.shape[0])) * 2.0 - 1.0, dtype=torch.float64)
+    return signs @ basis / math.sqrt(r)
+
+
+def probe_count(num_classes: int, label_mode: str, probes: int | None = None) -> int:
+    """How many class-space probes a deep block of a label-free mode takes: the basis' rows (K - 1 for
+    ``expected``, K for ``jacobian``), or ``probes`` when that is fewer."""
+    full = int(num_classes) - 1 if label_mode == "expected" else int(num_classes)
+    return full if probes is None else min(full, int(probes))

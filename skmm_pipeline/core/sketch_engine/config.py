@@ -26,6 +26,7 @@ class SketchConfig:
     model_id: str | None = None
     precision: str = "float32"
     block_rows: int | None = None  # compute blocks: memory only, never the rows (not in the identity)
+    class_probes: int | None = defaults.CLASS_PROBES
 
     @classmethod
     def from_identity(cls, identity: Mapping) -> "SketchConfig":
@@ -37,7 +38,8 @@ class SketchConfig:
         return cls(sketch_dim=int(ident["sketch_dim"]), kind=ident["kind"], layers=tuple(ident["param_set"]),
                    label_mode=ident["label_mode"], draws=int(ident.get("draws", 1)),
                    block_scales={b["name"]: float(b["scale"]) for b in blocks} or None,
-                   model_id=ident.get("model_id"), precision=ident.get("precision", "float32"))
+                   model_id=ident.get("model_id"), precision=ident.get("precision", "float32"),
+                   class_probes=ident.get("class_probes"))
 
     def kwargs(self) -> dict:
         """The :class:`GradientSketcher` keyword arguments (all but the model, the seed and the device)."""

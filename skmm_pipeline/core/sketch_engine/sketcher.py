@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skmm_pipeline.core import defaults
 from skmm_pipeline.core.device_blocks import is_out_of_memory, out_of_memory, pad_rows, resolve_device
 from skmm_pipeline.core.gradients import FactorBlock, GradientFactorizer
 from skmm_pipeline.core.sketch import (
@@ -73,6 +74,10 @@ class GradientSketcher(BlockStreaming):
         (within float rounding), so pin ``block_rows`` there for rows bit-identical across runs.
     channels_last: run a convolutional model in NHWC layout (``None``: yes; faster with CUDA's and
         oneDNN's kernels). The layout changes rows by float rounding only.
+    class_probes: label-free modes with a block below the logits layer (FT-2): the most class-space
+        directions its gradient is taken along, one backward probe each (default 16). A model with more
+        classes gets a seeded sketch of its class space (unbiased inner products, see
+        ``core.gradients``); ``None`` takes all K - 1. Recorded in the identity when it applies.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class GradientSketcher(BlockStreaming):
         precision: str = "float32",
         block_rows: int | None = None,
         channels_last: bool | None = None,
+        class_probes: int | None = defaults.CLASS_PROBES,
     ):
         sketch_dim = check_int(sketch_dim, "sketch_dim (m)", minimum=1)
         if kind not in KINDS:
@@ -107,7 +113,7 @@ class GradientSketcher(BlockStreaming):
         # NHWC convolutions: the fast layout of CUDA's tensor-core kernels and of oneDNN on the CPU.
         self.channels_last = bool(has_conv and (channels_last is None or channels_last))
         self.model = model.to(self.device, memory_format=torch.channels_last) if self.channels_last else model.to(self.device)
-        self.factorizer = GradientFactorizer(model, layers, label_mode, draws, seed)
+        self.factorizer = GradientFactorizer(model, layers, label_mode, draws, seed, class_probes)
         self.sketch_dim, self.kind, self.seed = int(sketch_dim), kind, int(seed)
         self.precision = precision
         self.block_rows: int | None = None if block_rows is None else int(block_rows)
@@ -191,8 +197,10 @@ class GradientSketcher(BlockStreaming):
 
     @property
     def identity(self) -> dict:
-        """Everything the rows depend on, as a JSON-ready dict (store it with the sketch)."""
+        """Everything the rows depend on, as a JSON-ready dict (store it with the sketch). ``class_probes``
+        is there only when a deep block's class space is sketched (identities of exact rows are unchanged)."""
         self._require_prepared()
+        extra = {"class_probes": self.factorizer.class_probes} if self.factorizer.probes_sketched else {}
         return {
             "engine": ENGINE_VERSION,
             "kind": self.kind,
@@ -208,6 +216,7 @@ class GradientSketcher(BlockStreaming):
                 {"name": name, "kind": op.kind, "shape": list(shape), "scale": self.block_scales.get(name, 1.0)}
                 for (name, op), shape in zip(self.sketches, self.block_shapes)
             ],
+            **extra,
         }
 
     # ---------------------------------------------------------------------------------------------
