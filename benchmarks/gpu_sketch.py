@@ -17,8 +17,8 @@ the embedded small CNN (8x8 digits, 5 classes). Each rate is samples per second,
 - vmap + dense: ``torch.func.vmap(grad)`` per-sample gradients of cross-entropy with true labels (the
   same quantity as the engine's ``true`` mode), fp32, times a dense Gaussian map held on the device
   (drawing it is not timed); ``vs vmap`` = engine ``true`` (best precision) / this.
-- end to end: shard files (uncompressed ``.npz``, float32, written first, so the page cache is warm)
-  opened by ``read_shard`` (memory-mapped; the pixels were verified when the shard landed), fed by
+- end to end: shard files (uncompressed ``.npz``, written first, so the page cache is warm; 8-bit
+  pixels with the ImageNet decode, as imports write them, and float32 for FT-1) opened by ``read_shard`` (memory-mapped; the pixels were verified when the shard landed), fed by
   the ``data.loader`` DataLoader (pinned memory, worker processes on CUDA) to the engine, rows
   streamed into ``SketchShardWriter`` files: what the ``gradient_sketch`` asset runs per shard. Reported against the engine alone and the best forward.
 - checks (CUDA): rows against the CPU's, bit-identity across staging batch sizes, rows across block
@@ -59,6 +59,7 @@ from skmm_pipeline.core.sketch_engine import GradientSketcher, resolve_device
 from skmm_pipeline.core.sketch_io import SketchShardWriter
 from skmm_pipeline.data.loader import sketch_shard
 from skmm_pipeline.data.shards import read_shard, write_shard
+from skmm_pipeline.data.vision import ImageTransform
 from skmm_pipeline.models.small_cnn import SmallCNN
 
 MODELS = {  # name -> (model factory, input shape, classes)
@@ -169,17 +170,23 @@ def vmap_rate(name, X, y, clock, m, layers, batch):
     return len(X) / t, peak
 
 
-def end_to_end(name, n, clock, m, layers, precision, shard_rows, workers):
-    """Shard files -> sketch files, as the gradient_sketch asset does it; (rate, read-and-check seconds)."""
+def end_to_end(name, n, clock, m, layers, precision, shard_rows, workers, pixels="uint8"):
+    """Shard files -> sketch files, as the gradient_sketch asset does it; (rate, read-and-check seconds).
+    ``pixels``: the shards hold 8-bit pixels with the ImageNet decode (what imports write) or float32."""
     _, shape, _ = MODELS[name]
     rng = np.random.default_rng(0)
+    decode = ImageTransform.imagenet().decode() if shape[0] == 3 else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = []
         for i, s in enumerate(range(0, n, shard_rows)):
             k = min(shard_rows, n - s)
             paths.append(tmp / f"shard{i:03d}.npz")
-            write_shard(paths[-1], rng.standard_normal((k, *shape), dtype=np.float32), rng.integers(0, 100, k))
+            if pixels == "uint8":
+                u8 = rng.integers(0, 256, size=(k, *shape), dtype=np.uint8)
+                write_shard(paths[-1], u8, rng.integers(0, 100, k), pixel_scale=decode.scale, pixel_offset=decode.offset)
+            else:
+                write_shard(paths[-1], rng.standard_normal((k, *shape), dtype=np.float32), rng.integers(0, 100, k))
         sk = GradientSketcher(model_for(name), m, layers=layers, precision=precision, device=clock.device, model_id=name)
         read_s = [0.0]
 
@@ -218,6 +225,16 @@ def checks(clock, m) -> list[tuple[str, str]]:
     lab_t = GradientSketcher(model_for("resnet18_32"), m, layers="ft2", label_mode="true", device=dev,
                              block_rows=64).sketch(X, labels=y.to(dev))
     rows.append(("true labels as a CUDA tensor = as a numpy array", str(np.array_equal(lab_np, lab_t))))
+    # 8-bit shards decode on the device: the rows equal those of the host-decoded images.
+    with tempfile.TemporaryDirectory() as tmp:
+        decode = ImageTransform.imagenet().decode()
+        u8 = np.random.default_rng(5).integers(0, 256, size=(200, 3, 32, 32), dtype=np.uint8)
+        write_shard(Path(tmp) / "eight.npz", u8, pixel_scale=decode.scale, pixel_offset=decode.offset)
+        shard = read_shard(Path(tmp) / "eight.npz")
+        kw = dict(layers="ft2", device=dev, block_rows=64)
+        host = GradientSketcher(model_for("resnet18_32"), m, **kw).sketch(np.asarray(shard.images))
+        on_dev = sketch_shard(GradientSketcher(model_for("resnet18_32"), m, **kw), shard, batch_size=64, workers=2)
+        rows.append(("8-bit shard decoded on the device = host-decoded images", str(np.array_equal(host, on_dev))))
     # Out-of-memory back-off: a per-process cap far below the free memory the block size is sized from.
     Xb, _ = data("resnet18_224", 384, "cpu", seed=4)
     ref = GradientSketcher(model_for("resnet18_224"), m, layers="ft2", device=dev, block_rows=32).sketch(Xb)
@@ -316,17 +333,18 @@ def run_model(name, size, dev, clock, m, result) -> None:
     if n_e2e:
         e2e_rows = []
         best_p = max(precisions(dev), key=lambda p: eng[("ft1", "expected", p)])
-        for layers in ("ft1", "ft2"):
-            rate, read_s, peak = end_to_end(name, n_e2e, clock, m, layers, best_p, SHARD_ROWS[dev.type], None)
+        for layers, pixels in (("ft1", "uint8"), ("ft1", "float32"), ("ft2", "uint8")):
+            rate, read_s, peak = end_to_end(name, n_e2e, clock, m, layers, best_p, SHARD_ROWS[dev.type], None, pixels)
             engine = eng[(layers, "expected", best_p)]
-            e2e_rows.append((layers.upper(), best_p, fmt_rate(rate), f"{rate / engine:.2f}", f"{rate / best_fwd:.2f}",
-                             f"{read_s:.2f}", fmt_mem(peak)))
-            result[f"e2e_{layers}_{tag}"] = rate
-            result[f"e2e_{layers}_forward_fraction_{tag}"] = round(rate / best_fwd, 3)
+            e2e_rows.append((layers.upper(), pixels, best_p, fmt_rate(rate), f"{rate / engine:.2f}",
+                             f"{rate / best_fwd:.2f}", f"{read_s:.2f}", fmt_mem(peak)))
+            key = layers if pixels == "uint8" else f"{layers}_float32"
+            result[f"e2e_{key}_{tag}"] = rate
+            result[f"e2e_{key}_forward_fraction_{tag}"] = round(rate / best_fwd, 3)
         result[f"e2e_forward_fraction_{tag}"] = result[f"e2e_ft1_forward_fraction_{tag}"]
         table(f"{name}: shard files to sketch files (label-free), N = {n_e2e:,}",
-              ["params", "precision", "samples/s", "of engine alone", "forward fraction", "open s", "peak MiB"],
-              e2e_rows)
+              ["params", "shard pixels", "precision", "samples/s", "of engine alone", "forward fraction", "open s",
+               "peak MiB"], e2e_rows)
 
 
 
@@ -335,6 +353,13 @@ def ft2_classes(r: dict) -> str:
     if "ft2_all_classes_forward_fraction_224" in r:
         return f"; {r['ft2_all_classes_forward_fraction_224']:.2f} with all classes"
     return ", all classes (before `class_probes`)"
+
+
+def shard_pixels(r: dict) -> str:
+    """Shards hold 8-bit pixels since imports write them; runs saved before read float32 shards."""
+    if "e2e_ft1_float32_forward_fraction_224" in r:
+        return f", 8-bit; {r['e2e_ft1_float32_forward_fraction_224']:.2f} from float32 shards"
+    return ", float32 shards (before 8-bit shards)"
 
 
 def summary_table(outputs: list[str]) -> str:
@@ -356,7 +381,7 @@ def summary_table(outputs: list[str]) -> str:
             rate("ft1_true_224", "ft1_true_forward_fraction_224", "ft1_vs_vmap_224"),
             rate("ft2_224", "ft2_forward_fraction_224") + ft2_classes(r),
             rate("ft2_true_224", "ft2_true_forward_fraction_224", "ft2_vs_vmap_224"),
-            rate("e2e_ft1_224", "e2e_ft1_forward_fraction_224"),
+            rate("e2e_ft1_224", "e2e_ft1_forward_fraction_224") + shard_pixels(r),
         ]) + " |")
     return "\n".join(lines)
 

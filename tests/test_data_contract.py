@@ -41,6 +41,52 @@ def test_files_with_labels_that_are_not_class_indices_are_refused(tmp_path):
     assert read_shard(tmp_path / "ok.npz").max_abs == 3.5  # measured in the verifying pass
 
 
+def test_8bit_shards_carry_their_decode_and_are_checked_like_float_ones(tmp_path):
+    """uint8 pixels with a per-channel decode: mapped, their CRC checked, the decoded peak measured;
+    8-bit pixels without a decode, a decode without 8-bit pixels, or a bad decode are refused."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, size=(6, 2, 8, 8), dtype=np.uint8)
+    path = tmp_path / "eight.npz"
+    write_shard(path, pixels, np.arange(6) % 5, pixel_scale=[0.5, 0.25], pixel_offset=[-10.0, 1.0])
+    s = read_shard(path)
+    expected = pixels.astype(np.float32) * np.float32([0.5, 0.25])[:, None, None] + np.float32([-10.0, 1.0])[:, None, None]
+    np.testing.assert_array_equal(np.asarray(s.images), expected)
+    np.testing.assert_array_equal(s.images[2:4], expected[2:4])
+    np.testing.assert_array_equal(s.images[[5, 0]], expected[[5, 0]])
+    assert s.images.shape == (6, 2, 8, 8) and len(s.images) == 6 and s.images[1].shape == (2, 8, 8)
+    assert s.max_abs == float(np.abs(expected).max()) == max_abs(s.images)
+    assert read_shard(path, verify=False).max_abs is None
+    with pytest.raises(TypeError, match="rows only"):
+        s.images[:, 0]
+    # The default decode is u8 / 255 ([0, 1]); the contract's bound applies to the decoded values.
+    write_shard(tmp_path / "unit.npz", pixels, np.arange(6) % 5)
+    assert read_shard(tmp_path / "unit.npz").max_abs == pytest.approx(int(pixels.max()) / 255)
+    contract = ShardContract(image_shape=(2, 8, 8), task="classification", num_classes=5, max_abs_pixel=100.0)
+    contract.check(s)
+    write_shard(tmp_path / "raw.npz", pixels, np.arange(6) % 5, pixel_scale=[1.0, 1.0], pixel_offset=[0.0, 0.0])
+    for verify in (True, False):  # 0..255 values: not scaled for the model
+        with pytest.raises(ShardError, match="pixel values reach 199"):
+            contract.check(read_shard(tmp_path / "raw.npz", verify=verify))
+    # A flipped byte in the pixels fails the CRC, as for float shards.
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(pixels.tobytes()[:64]) + 10] ^= 0xFF
+    (tmp_path / "flip.npz").write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="CRC-32"):
+        read_shard(tmp_path / "flip.npz")
+    for arrays, msg in (
+        (dict(images=pixels), "uint8 images need 'pixel_scale' and 'pixel_offset'"),
+        (dict(images=pixels.astype(np.float32), pixel_scale=[1.0, 1.0], pixel_offset=[0.0, 0.0]), "decode uint8 images"),
+        (dict(images=pixels, pixel_scale=[1.0], pixel_offset=[0.0]), "one value per channel \\(2\\)"),
+        (dict(images=pixels, pixel_scale=[1.0, 0.0], pixel_offset=[0.0, 0.0]), "must be positive and finite"),
+        (dict(images=pixels, pixel_scale=[1.0, 1.0], pixel_offset=[0.0, np.nan]), "must be positive and finite"),
+    ):
+        np.savez(tmp_path / "bad.npz", **arrays)  # written by hand, as a user's own tool would
+        with pytest.raises(ShardError, match=msg):
+            read_shard(tmp_path / "bad.npz")
+    with pytest.raises(ShardError, match="decode uint8 images"):
+        write_shard(tmp_path / "bad.npz", pixels.astype(np.float32), pixel_scale=[1.0, 1.0])
+
+
 def test_the_contract_names_the_shard_the_field_and_the_fix():
     DIGITS.check(shard())
     cases = (

@@ -57,6 +57,7 @@ def test_import_job_lands_shards_and_eval_splits_from_config(project, tmp_path):
         pool = [read_shard(ws.landing / f"{s}.npz") for s in out["shards"]]
         val, test = read_shard(ws.evaluation / "val.npz"), read_shard(ws.evaluation / "test.npz")
         assert pool[0].images.shape[1:] == (1, 8, 8)
+        assert pool[0].pixels.dtype == np.uint8 and val.decode is not None  # 8-bit pixels and their decode
         assert sum(len(p.images) for p in pool) == 18 and len(val.images) == 6 and len(test.images) == 6
         assert np.bincount(val.labels).tolist() == [2, 2, 2]  # stratified
         ids = [set(read_shard_sources(ws.landing / f"{s}.npz").source_ids) for s in out["shards"]]
@@ -92,6 +93,7 @@ def test_import_refuses_bad_requests_before_writing(tmp_path):
         (dict(source="imagefolder", path=str(photos), shards=7), "use fewer shards"),
         (dict(source="imagefolder", path=str(tmp_path / "missing")), "not a directory"),
         (dict(source="imagefolder", path=str(photos), name="bad name!"), "shard name"),
+        (dict(source="imagefolder", path=str(photos), pixels="float16"), "pixels must be one of"),
     ]
     for req, message in bad:
         with pytest.raises((DataError, ValueError), match=message):
@@ -120,8 +122,9 @@ def test_cli_imports_a_regression_csv(tmp_path):
     old_sha = file_sha256(landed)
     registry.admit("ages-000", landed, old_sha)
     proc = skmm("shards", "import", "--root", str(root), "--source", "csv", "--path", str(csv), "--shards", "2",
-                "--val-fraction", "0.25", "--seed", "1", "--overwrite-eval", "--replace")
+                "--val-fraction", "0.25", "--seed", "1", "--overwrite-eval", "--replace", "--pixels", "float32")
     assert proc.returncode == 0 and "ages-000.npz (5 images), replacing the shard of that name" in proc.stdout, proc.stderr
+    assert read_shard(landed).pixels.dtype == np.float32 and read_shard(landed).decode is None
     registry.admit("ages-000", landed, file_sha256(landed))  # admitted: it replaces the old content
     entry = json.loads(registry.cache.read_text())["ages-000"]
     assert file_sha256(landed) != old_sha and [r["sha256"] for r in entry["replaced"]] == [old_sha]

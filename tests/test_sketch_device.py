@@ -156,6 +156,28 @@ def test_shard_reader_rows_equal_the_library_rows(tmp_path, images):
         next(shard_batches(read_shard(unlabelled), 8, "cpu", labels=True))
 
 
+def test_8bit_shards_decode_on_the_device_to_the_library_rows(tmp_path):
+    """A uint8 shard moves its 8-bit pixels to the device and decodes them there (reader threads); the
+    rows equal the library's on the host-decoded images, and those of a float32 shard of the same inputs."""
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, size=(40, 3, 32, 32), dtype=np.uint8)
+    scale, offset = 1 / (255 * np.array([0.229, 0.224, 0.225])), -np.array([0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    write_shard(tmp_path / "eight.npz", pixels, np.arange(40) % 10, pixel_scale=scale, pixel_offset=offset)
+    shard = read_shard(tmp_path / "eight.npz")
+    assert isinstance(shard.pixels, np.memmap) and shard.pixels.dtype == np.uint8
+    decoded = np.asarray(shard.images)
+    assert decoded.dtype == np.float32 and shard.max_abs == pytest.approx(float(np.abs(decoded).max()))
+    write_shard(tmp_path / "full.npz", decoded)
+    ref = GradientSketcher(resnet(), 16, layers="ft2", block_rows=32).sketch(decoded)
+    for workers, batch in ((0, 512), (0, 7), (2, 9)):
+        sk = GradientSketcher(resnet(), 16, layers="ft2", block_rows=32)
+        assert np.array_equal(sketch_shard(sk, shard, batch_size=batch, workers=workers), ref)
+    sk = GradientSketcher(resnet(), 16, layers="ft2", block_rows=32)
+    assert np.array_equal(sketch_shard(sk, read_shard(tmp_path / "full.npz"), workers=2), ref)
+    x, _, _ = next(shard_batches(shard, 8, "cpu", workers=2))
+    assert x.dtype == torch.float32 and torch.equal(x, torch.as_tensor(decoded[:8]))
+
+
 def test_a_shard_rewritten_after_validation_is_refused(tmp_path, images):
     path = tmp_path / "late.npz"
     write_shard(path, images[:10])

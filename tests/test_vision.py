@@ -257,6 +257,15 @@ def test_imagefolder_to_shards_round_trip(folder_tree, tmp_path):
         assert a.path.read_bytes() == b.path.read_bytes()
     assert [w.rows for w in write_shards(src, landing, "pets", n_shards=2, overwrite=True)] == [4, 1]
     assert not list(landing.glob(".*"))  # no spool files left behind
+    # 8-bit pixels by default (a quarter of the bytes); pixels="float32" stores the same inputs as floats.
+    as_float = write_shards(src, tmp_path / "float", "pets", rows_per_shard=3, pixels="float32")
+    for a, b in zip(other[:2], as_float[:2]):
+        eight, full = read_shard(a.path), read_shard(b.path)
+        assert eight.pixels.dtype == np.uint8 and full.pixels.dtype == np.float32 and full.decode is None
+        np.testing.assert_array_equal(np.asarray(eight.images), full.images)
+        assert full.pixels.nbytes == 4 * eight.pixels.nbytes
+    with pytest.raises(DataError, match="pixels must be one of"):
+        write_shards(src, tmp_path / "bad", "pets", n_shards=1, pixels="float16")
     with pytest.raises(ShardError, match="invalid shard name"):
         write_shards(src, landing, "../evil", n_shards=1)
 

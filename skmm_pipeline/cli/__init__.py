@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--image-size", type=int, default=224, help="input size for torchvision backbones")
     si.add_argument("--path-column", help="csv only (default path)")
     si.add_argument("--target-column", help="csv only (default target)")
+    si.add_argument("--pixels", choices=["uint8", "float32"],
+                    help="what shards store: 8-bit pixels and their decode (default uint8, a quarter of the bytes) "
+                    "or the transformed float32 inputs")
     si.set_defaults(run="shards_cmd:run_import")
 
     _add_versions_parser(sub)

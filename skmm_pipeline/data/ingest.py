@@ -21,6 +21,7 @@ from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.shards import ShardError, check_shard_name
 from skmm_pipeline.data.vision import (
     CIFAR10,
+    PIXELS,
     SMALL_CNN_TRANSFORM,
     DataError,
     ImageCSV,
@@ -51,6 +52,7 @@ class ImportRequest:
     replace: bool = False  # replace existing pool shards of the same names (recorded as replacing them)
     path_column: str = "path"  # csv only
     target_column: str = "target"  # csv only
+    pixels: str = "uint8"  # what shards and splits store: 8-bit pixels + their decode, or float32 inputs
 
     def checked(self) -> "ImportRequest":
         if self.source not in SOURCES:
@@ -69,6 +71,8 @@ class ImportRequest:
             raise DataError("val_fraction + test_fraction must leave some rows for the pool")
         if self.role != "pool" and (self.val_fraction or self.test_fraction):
             raise DataError(f"val_fraction/test_fraction only apply to role 'pool', not {self.role!r}")
+        if self.pixels not in PIXELS:
+            raise DataError(f"pixels must be one of {PIXELS}, got {self.pixels!r}")
         if self.name:
             check_shard_name(f"{self.name}-000")
         return self
@@ -156,7 +160,7 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTr
         if pool_idx is not None:
             stages.append(_stage(landing_dir))
             written = write_shards(source, stages[-1], prefix, n_shards=req.shards, indices=pool_idx,
-                                   on_corrupt=req.on_corrupt)
+                                   on_corrupt=req.on_corrupt, pixels=req.pixels)
             for w in written:
                 result.skipped += len(w.skipped)
                 if w.rows:
@@ -165,7 +169,7 @@ def import_dataset(req: ImportRequest, landing_dir, eval_dir, transform: ImageTr
         if targets:
             stages.append(_stage(eval_dir))
             for role, idx in targets.items():
-                w = write_split(source, stages[-1] / f"{role}.npz", idx, on_corrupt=req.on_corrupt)
+                w = write_split(source, stages[-1] / f"{role}.npz", idx, on_corrupt=req.on_corrupt, pixels=req.pixels)
                 result.skipped += len(w.skipped)
                 result.rows[role] = w.rows
         for name in result.shards:

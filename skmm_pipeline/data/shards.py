@@ -1,6 +1,10 @@
 """On-disk shards: one ``<name>.npz`` file per data delivery with ``images`` and, optionally, either
 int ``labels`` (classification) or float ``targets`` (regression), never both.
 
+``images`` are the model's inputs, float32 ``(N, C, H, W)``, or 8-bit pixels (uint8) with the per-channel
+map to those inputs, ``pixel_scale`` and ``pixel_offset`` (:class:`PixelDecode`): a quarter of the bytes
+to store, to read and to send to a device, which decodes them there (``data.loader``).
+
 A sample's id is ``<shard name>/<row>``; it never changes once the shard has landed.
 """
 
@@ -31,12 +35,83 @@ def check_shard_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class PixelDecode:
+    """8-bit pixels to the model's inputs, per channel: ``x = u8 * scale[c] + offset[c]`` in float32, as
+    a multiply and then an add (never fused), so the host and a device give the same bits."""
+
+    scale: np.ndarray  # (C,) float32, > 0
+    offset: np.ndarray  # (C,) float32
+
+    @classmethod
+    def checked(cls, scale, offset, channels: int, what: str) -> "PixelDecode":
+        scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        offset = np.asarray(offset, dtype=np.float32).reshape(-1)
+        if scale.shape != (channels,) or offset.shape != (channels,):
+            raise ShardError(f"{what}: pixel_scale and pixel_offset need one value per channel ({channels}), got "
+                             f"{scale.shape[0]} and {offset.shape[0]}")
+        if not (np.isfinite(scale).all() and np.isfinite(offset).all() and (scale > 0).all()):
+            raise ShardError(f"{what}: pixel_scale must be positive and finite and pixel_offset finite, got "
+                             f"{scale.tolist()} and {offset.tolist()}")
+        return cls(scale, offset)
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        """Decode ``(..., C, H, W)`` uint8 pixels."""
+        return np.asarray(raw).astype(np.float32) * self.scale[:, None, None] + self.offset[:, None, None]
+
+    def peak(self, low: np.ndarray, high: np.ndarray) -> float:
+        """The largest |decoded value| given each channel's smallest and largest 8-bit value."""
+        ends = np.concatenate([self(np.asarray(low, np.uint8)[:, None, None]).ravel(),
+                               self(np.asarray(high, np.uint8)[:, None, None]).ravel()])
+        return float(np.abs(ends).max())
+
+
+class DecodedImages:
+    """A uint8 shard's images as the model takes them: rows decode when indexed (``images[a:b]``,
+    ``images[rows]``, ``images[i]``) and the whole array through ``np.asarray``; the pixels stay
+    memory-mapped. Only rows can be indexed."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, pixels: np.ndarray, decode: PixelDecode):
+        self.pixels, self.decode = pixels, decode
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.pixels.ndim
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):
+            raise TypeError("the decoded images of a uint8 shard are indexed by rows only")
+        return self.decode(self.pixels[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.decode(self.pixels)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
 class Shard:
     name: str
-    images: np.ndarray  # (N, C, H, W) float32
+    images: np.ndarray  # (N, C, H, W) float32, or DecodedImages of a uint8 shard
     labels: np.ndarray | None  # (N,) int64, or None for an unlabelled pool
     targets: np.ndarray | None = None  # (N,) float32 regression targets (then labels is None)
     max_abs: float | None = None  # the largest |pixel|, when the pixels were read to verify them
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The stored array: uint8 pixels (decode with :attr:`decode`) or the float32 images."""
+        return self.images.pixels if isinstance(self.images, DecodedImages) else self.images
+
+    @property
+    def decode(self) -> PixelDecode | None:
+        return self.images.decode if isinstance(self.images, DecodedImages) else None
 
     @property
     def ids(self) -> list[str]:
@@ -66,12 +141,27 @@ def file_sha256(path: Path) -> str:
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
-                targets: np.ndarray | None = None, source_ids=None, classes=None) -> None:
+                targets: np.ndarray | None = None, source_ids=None, classes=None,
+                pixel_scale=None, pixel_offset=None) -> None:
     """Write a shard: ``labels`` (int, classification) or ``targets`` (float, regression) or neither, and
     optionally where each image came from (``source_ids``, one string per image) and the task's class
-    names (``classes``: label ``k`` is ``classes[k]``; see :func:`shard_class_names`)."""
+    names (``classes``: label ``k`` is ``classes[k]``; see :func:`shard_class_names`).
+
+    uint8 ``images`` are stored as they are, with the per-channel decode to the model's inputs
+    (:class:`PixelDecode`; by default ``u8 / 255``, i.e. [0, 1]); any other dtype is stored as float32."""
     name = check_shard_name(Path(path).stem)
-    arrays = {"images": np.asarray(images, dtype=np.float32)}
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        if images.ndim != 4:
+            raise ShardError(f"shard {name!r}: images must be (N, C, H, W), got shape {images.shape}")
+        C = images.shape[1]
+        decode = PixelDecode.checked(np.full(C, 1 / 255) if pixel_scale is None else pixel_scale,
+                                     np.zeros(C) if pixel_offset is None else pixel_offset, C, f"shard {name!r}")
+        arrays = {"images": images, "pixel_scale": decode.scale, "pixel_offset": decode.offset}
+    elif pixel_scale is not None or pixel_offset is not None:
+        raise ShardError(f"shard {name!r}: pixel_scale and pixel_offset decode uint8 images, these are {images.dtype}")
+    else:
+        arrays = {"images": images.astype(np.float32)}
     if labels is not None and targets is not None:
         raise ShardError(f"shard {name!r}: give labels (classification) or targets (regression), not both")
     if labels is not None:
@@ -138,7 +228,7 @@ def max_abs(images: np.ndarray, chunk: int = CHECK_ELEMS, visit: Callable[[np.nd
 def _mapped_images(path: Path, info: zipfile.ZipInfo) -> tuple[np.memmap, bytes] | None:
     """The ``images.npy`` member of an uncompressed ``.npz`` as a copy-on-write memory map, with the
     bytes of its ``.npy`` header (for the checksum); ``None`` when it cannot be mapped (compressed,
-    Fortran order, not float32), and the caller loads it instead."""
+    Fortran order, not float32 or uint8), and the caller loads it instead."""
     if info.compress_type != zipfile.ZIP_STORED:
         return None
     with open(path, "rb") as fh:
@@ -155,12 +245,12 @@ def _mapped_images(path: Path, info: zipfile.ZipInfo) -> tuple[np.memmap, bytes]
         offset = fh.tell()
         fh.seek(start)
         header = fh.read(offset - start)
-    if fortran or dtype != np.float32 or len(shape) != 4:
+    if fortran or dtype not in (np.float32, np.uint8) or len(shape) != 4:
         return None
     if offset + int(np.prod(shape)) * dtype.itemsize > path.stat().st_size:
         raise ShardError(f"{path}: images.npy is truncated")
     if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype=np.float32), header
+        return np.zeros(shape, dtype=dtype), header
     return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=tuple(shape)), header
 
 
@@ -197,12 +287,18 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
         raise ShardError(f"shard {name!r}: images must be (N, C, H, W), got shape {images.shape}")
     if images.shape[0] == 0:
         raise ShardError(f"shard {name!r} at {path} is empty")
+    decode = _decode_of(name, path, images, arrays)
     verified = verify or mapped is None  # a loaded (not mapped) shard is always checked: it is in memory
     crc = zlib.crc32(mapped[1]) if mapped is not None and verified else None
+    low = np.full(images.shape[1], 255, np.uint8)
+    high = np.zeros(images.shape[1], np.uint8)
 
     def check(block: np.ndarray) -> None:
-        nonlocal crc
-        if not np.isfinite(block).all():
+        nonlocal crc, low, high
+        if decode is not None:  # 8-bit: the channels' ranges give the largest decoded value
+            low = np.minimum(low, block.min(axis=(0, 2, 3)))
+            high = np.maximum(high, block.max(axis=(0, 2, 3)))
+        elif not np.isfinite(block).all():
             raise ShardError(f"shard {name!r}: images contain NaN or inf")
         if crc is not None:
             crc = zlib.crc32(block, crc)
@@ -210,6 +306,8 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
     peak = max_abs(images, visit=check) if verified else None
     if crc is not None and crc != info.CRC:
         raise ShardError(f"shard {name!r} at {path} is corrupt: the images fail their CRC-32 check")
+    if decode is not None and peak is not None:
+        peak = decode.peak(low, high)
     labels, targets = arrays.get("labels"), arrays.get("targets")
     if labels is not None and targets is not None:
         raise ShardError(f"shard {name!r} at {path} has both 'labels' (classification) and 'targets' (regression): "
@@ -224,5 +322,20 @@ def read_shard(path: Path, verify: bool = True) -> Shard:
         raise ShardError(f"shard {name!r}: labels must be class indices >= 0, got {int(labels[row])} at row {row}")
     if targets is not None:
         targets = _checked_targets(f"shard {name!r} at {path}", targets, images.shape[0])
-    return Shard(name, images.astype(np.float32, copy=False), None if labels is None else labels.astype(np.int64),
-                 targets, peak)
+    images = DecodedImages(images, decode) if decode is not None else images.astype(np.float32, copy=False)
+    return Shard(name, images, None if labels is None else labels.astype(np.int64), targets, peak)
+
+
+def _decode_of(name: str, path: Path, images: np.ndarray, arrays: dict) -> PixelDecode | None:
+    """The decode of a uint8 shard's pixels (checked), ``None`` for float images; a decode without
+    8-bit pixels, or 8-bit pixels without one, is refused."""
+    has = "pixel_scale" in arrays or "pixel_offset" in arrays
+    if images.dtype != np.uint8:
+        if has:
+            raise ShardError(f"shard {name!r} at {path}: pixel_scale/pixel_offset decode uint8 images, these are "
+                             f"{images.dtype}")
+        return None
+    if not ("pixel_scale" in arrays and "pixel_offset" in arrays):
+        raise ShardError(f"shard {name!r} at {path}: uint8 images need 'pixel_scale' and 'pixel_offset' (the map to "
+                         "the model's inputs): write the shard with write_shard or skmm shards import")
+    return PixelDecode.checked(arrays["pixel_scale"], arrays["pixel_offset"], images.shape[1], f"shard {name!r} at {path}")

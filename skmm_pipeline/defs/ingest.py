@@ -70,6 +70,7 @@ def raw_shard(context: dg.AssetExecutionContext, workspace: Workspace, settings:
     meta = {
         "rows": record["rows"],
         "image_shape": str(tuple(shard.images.shape[1:])),
+        "pixels": str(shard.pixels.dtype),  # uint8: 8-bit pixels decoded where the model runs
         "labelled": shard.labels is not None,
         "path": dg.MetadataValue.path(str(path)),
         "sha256": sha,
@@ -105,6 +106,8 @@ class ImportConfig(dg.Config):
                           "(recorded as replacing their old content)")
     path_column: str = Field(default=_REQUEST["path_column"], description="csv only")
     target_column: str = Field(default=_REQUEST["target_column"], description="csv only")
+    pixels: str = Field(default=_REQUEST["pixels"], description="uint8: store 8-bit pixels and their decode (a quarter "
+                        "of the bytes); float32: store the transformed inputs")
 
 
 @dg.op(description="Write a local dataset into the workspace (pool shards, evaluation splits) and register the shards.")

@@ -8,6 +8,7 @@ carries (labels: classification, targets: regression) and refuse mixtures, namin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ class EvalData:
                              "the import_data job with role val / test), or neither to use the embedded digits splits")
         if present:
             self.files = {"val": folder / "val.npz", "test": folder / "test.npz"}
-            val, test = read_shard(self.files["val"], verify), read_shard(self.files["test"], verify)
+            # Evaluation splits are used whole (features, accuracy): 8-bit ones are decoded once here.
+            val, test = (_decoded(read_shard(self.files[k], verify)) for k in ("val", "test"))
             for split, path in ((val, self.files["val"]), (test, self.files["test"])):
                 if split.task is None:
                     raise DataError(f"validation and test splits in {folder} need labels (classification) or targets "
@@ -88,6 +90,11 @@ class EvalData:
     def describe(self) -> str:
         files = ", ".join(str(p) for p in self.files.values()) or self.source
         return f"the evaluation splits ({files}) carry {CARRIES[self.task]}"
+
+
+def _decoded(shard: Shard) -> Shard:
+    """The shard with its images as one float32 array (decoded when the shard stores 8-bit pixels)."""
+    return shard if shard.decode is None else dataclasses.replace(shard, images=np.asarray(shard.images))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ Three sources, all read from disk only (nothing is ever downloaded):
   resolved against the CSV's folder; sample ids are the paths as written in the CSV.
 
 Every source decodes lazily and yields float32 ``(N, C, H, W)`` arrays through an
-:class:`ImageTransform` (resize, centre crop, normalise), with int64 labels (classification) or float32
-targets (regression). :func:`write_shards` cuts a source into ``k`` shard files for the landing folder,
-one shard at a time, through a memory map: memory stays bounded by one batch whatever the shard size.
+:class:`ImageTransform` (resize, centre crop, normalise), or their 8-bit pixels, with int64 labels
+(classification) or float32 targets (regression). :func:`write_shards` cuts a source into ``k`` shard
+files for the landing folder, one shard at a time, through a memory map: memory stays bounded by one
+batch whatever the shard size. Shards store the 8-bit pixels and the transform's per-channel decode by
+default (``pixels="uint8"``: a quarter of the bytes of float32, decoded where the model runs).
 
 Unreadable images (truncated, not an image, undecodable) are **skipped** by default
 (``on_corrupt="skip"``): each call logs one warning with the count and the first ids, and returns the
@@ -43,6 +45,7 @@ from skmm_pipeline.data.vision.transform import (
     ImageTransform,
 )
 from skmm_pipeline.data.vision.writing import (
+    PIXELS,
     ShardSources,
     WrittenShard,
     read_shard_sources,
@@ -60,6 +63,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "ON_CORRUPT",
+    "PIXELS",
     "SMALL_CNN_TRANSFORM",
     "CorruptImageError",
     "DataError",

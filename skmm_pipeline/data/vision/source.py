@@ -28,7 +28,7 @@ ON_CORRUPT = ("skip", "raise")
 @dataclass(frozen=True)
 class ImageBatch:
     ids: tuple[str, ...]
-    images: np.ndarray  # (n, C, H, W) float32
+    images: np.ndarray  # (n, C, H, W) float32 (uint8 when read as pixels)
     targets: np.ndarray  # (n,) int64 labels or float32 regression targets
     skipped: tuple[str, ...] = ()  # ids of unreadable images left out
 
@@ -83,11 +83,12 @@ class ImageSource:
         """The PIL image at ``index`` (raises on an unreadable file)."""
         raise NotImplementedError
 
-    def _decode(self, index: int, on_corrupt: str) -> np.ndarray | None:
+    def _decode(self, index: int, on_corrupt: str, pixels: bool = False) -> np.ndarray | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return self.transform(self._image(index))
+                image = self._image(index)
+                return self.transform.encode(image) if pixels else self.transform(image)
         except DataError:
             raise  # the dataset's layout, not one image
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error,
@@ -105,23 +106,25 @@ class ImageSource:
             raise DataError(f"indices out of range for a source of {len(self)} images")
         return idx
 
-    def iter_rows(self, indices=None, on_corrupt: str = "skip") -> Iterator[tuple[int, np.ndarray | None]]:
+    def iter_rows(self, indices=None, on_corrupt: str = "skip", pixels: bool = False) -> Iterator[tuple[int, np.ndarray | None]]:
         """``(index, image or None)`` for ``indices`` in the given order (``None``: unreadable, skipped).
 
-        Ascending indices read fastest (CIFAR keeps one batch file in memory at a time)."""
+        Ascending indices read fastest (CIFAR keeps one batch file in memory at a time). ``pixels``:
+        uint8 images before normalisation (``transform.encode``), instead of the model's inputs."""
         _check_on_corrupt(on_corrupt)
         for i in self._indices(indices):
-            yield int(i), self._decode(int(i), on_corrupt)
+            yield int(i), self._decode(int(i), on_corrupt, pixels)
 
-    def batches(self, batch_size: int = 256, indices=None, on_corrupt: str = "skip") -> Iterator[ImageBatch]:
+    def batches(self, batch_size: int = 256, indices=None, on_corrupt: str = "skip",
+                pixels: bool = False) -> Iterator[ImageBatch]:
         """Consecutive batches of at most ``batch_size`` readable images (a batch's ``skipped`` lists the
-        unreadable ones among its rows)."""
+        unreadable ones among its rows); ``pixels``: uint8, see :meth:`iter_rows`."""
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         rows: list[tuple[int, np.ndarray]] = []
         skipped: list[str] = []
         shape = None
-        for i, img in self.iter_rows(indices, on_corrupt):
+        for i, img in self.iter_rows(indices, on_corrupt, pixels):
             if img is None:
                 skipped.append(self.ids[i])
                 continue
@@ -134,18 +137,18 @@ class ImageSource:
                 )
             rows.append((i, img))
             if len(rows) == batch_size:
-                yield self._batch(rows, skipped)
+                yield self._batch(rows, skipped, pixels)
                 rows, skipped = [], []
         if rows or skipped:
-            yield self._batch(rows, skipped)
+            yield self._batch(rows, skipped, pixels)
 
-    def _batch(self, rows, skipped) -> ImageBatch:
+    def _batch(self, rows, skipped, pixels: bool = False) -> ImageBatch:
         idx = np.array([i for i, _ in rows], dtype=np.int64)
         if rows:
             images = np.stack([img for _, img in rows])
         else:
             out = self.transform.out_size or (0, 0)
-            images = np.empty((0, self.transform.channels, *out), dtype=np.float32)
+            images = np.empty((0, self.transform.channels, *out), dtype=np.uint8 if pixels else np.float32)
         return ImageBatch(tuple(self.ids[i] for i in idx), images, self.targets[idx], tuple(skipped))
 
     def load(self, indices=None, on_corrupt: str = "skip", batch_size: int = 256) -> ImageBatch:

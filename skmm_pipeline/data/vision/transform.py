@@ -1,4 +1,5 @@
-"""The image transform of every source: PIL image -> normalised float32 ``(C, H, W)``."""
+"""The image transform of every source: PIL image -> normalised float32 ``(C, H, W)``, or its 8-bit
+pixels and the per-channel map to those values (what 8-bit shards store)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from skmm_pipeline.core.errors import DataError
+from skmm_pipeline.data.shards import PixelDecode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -15,8 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL image -> float32 ``(C, H, W)``: convert to ``mode``, resize, centre crop, scale to [0, 1],
-    then ``(x - mean) / std`` per channel.
+    """PIL image -> float32 ``(C, H, W)``: convert to ``mode``, resize, centre crop, then per channel
+    ``(x/255 - mean) / std``, computed as ``x * 1/(255 std) - mean/std`` (:meth:`decode`).
 
     ``size``: output ``(H, W)`` (an int means square); ``None`` keeps each image's own size (all images
     of a source must then have the same size). ``resize``: the shorter side is resized to this before
@@ -61,7 +63,26 @@ class ImageTransform:
     def as_dict(self) -> dict:
         return {"size": self.out_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std), "mode": self.mode}
 
+    def decode(self) -> PixelDecode:
+        """The per-channel map of an 8-bit pixel ``u8`` (:meth:`encode`) to its normalised value,
+        ``u8 * 1/(255 std) + (-mean/std)``: what 8-bit shards store with their pixels."""
+        C = self.channels
+        std = np.broadcast_to(np.asarray(self.std, dtype=np.float64), (C,))
+        mean = np.broadcast_to(np.asarray(self.mean, dtype=np.float64), (C,))
+        return PixelDecode.checked(1.0 / (255.0 * std), -mean / std, C, "ImageTransform")
+
+    def encode(self, image) -> np.ndarray:
+        """PIL image -> uint8 ``(C, H, W)``: converted, resized and centre-cropped, not yet normalised."""
+        arr = np.asarray(self._geometry(image), dtype=np.uint8)
+        return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
     def __call__(self, image) -> np.ndarray:
+        """PIL image -> the model's float32 input: :meth:`decode` of :meth:`encode`, so an 8-bit shard
+        decodes to the same bits."""
+        return np.ascontiguousarray(self.decode()(self.encode(image)))
+
+    def _geometry(self, image):
+        """Converted to ``mode``, resized and centre-cropped."""
         img = image.convert(self.mode)
         if self.size is not None:
             H, W = self.out_size
@@ -74,11 +95,7 @@ class ImageTransform:
             left, top = (new[0] - W) // 2, (new[1] - H) // 2
             if (left, top, new[0], new[1]) != (0, 0, W, H):
                 img = img.crop((left, top, left + W, top + H))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+        return img
 
 
 # The embedded small CNN's input: 8 x 8 grey in [0, 1], like scikit-learn's digits.

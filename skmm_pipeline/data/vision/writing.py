@@ -50,10 +50,22 @@ class WrittenShard:
     skipped: tuple[str, ...]
 
 
+PIXELS = ("uint8", "float32")
+
+
+def _check_pixels(pixels: str) -> bool:
+    """Whether shards store 8-bit pixels (``"uint8"``) rather than the model's float32 inputs."""
+    if pixels not in PIXELS:
+        raise DataError(f"pixels must be one of {PIXELS}, got {pixels!r}")
+    return pixels == "uint8"
+
+
 def _write_rows(source: ImageSource, path: Path, indices: np.ndarray, batch_size: int, on_corrupt: str,
-                spool_dir: Path) -> tuple[int, tuple[str, ...]]:
+                spool_dir: Path, pixels: str = "uint8") -> tuple[int, tuple[str, ...]]:
     """Stream ``indices`` of ``source`` into one npz file through an on-disk spool (bounded memory).
-    Writes nothing and returns 0 rows when none of the images is readable."""
+    Writes nothing and returns 0 rows when none of the images is readable. ``pixels="uint8"`` stores
+    the 8-bit images and the transform's decode (``data.shards.PixelDecode``)."""
+    raw = _check_pixels(pixels)
     images = None
     targets = np.empty(len(indices), dtype=source.targets.dtype)
     ids: list[str] = []
@@ -61,12 +73,12 @@ def _write_rows(source: ImageSource, path: Path, indices: np.ndarray, batch_size
     fd, spool = tempfile.mkstemp(dir=spool_dir, prefix=f".{path.stem}.", suffix=".npy")
     os.close(fd)
     try:
-        for batch in source.batches(batch_size, indices, on_corrupt):
+        for batch in source.batches(batch_size, indices, on_corrupt, pixels=raw):
             skipped.extend(batch.skipped)
             if not batch.ids:
                 continue
             if images is None:
-                images = np.lib.format.open_memmap(spool, mode="w+", dtype=np.float32,
+                images = np.lib.format.open_memmap(spool, mode="w+", dtype=np.uint8 if raw else np.float32,
                                                    shape=(len(indices), *batch.images.shape[1:]))
             start = len(ids)
             images[start : start + len(batch.ids)] = batch.images
@@ -76,6 +88,9 @@ def _write_rows(source: ImageSource, path: Path, indices: np.ndarray, batch_size
             return 0, tuple(skipped)
         n = len(ids)
         arrays = {"images": images[:n], "source_ids": np.array(ids)}
+        if raw:
+            decode = source.transform.decode()
+            arrays["pixel_scale"], arrays["pixel_offset"] = decode.scale, decode.offset
         if source.task == "classification":
             arrays["labels"] = targets[:n].astype(np.int64)
             arrays["classes"] = np.array(source.classes)
@@ -100,13 +115,16 @@ def write_shards(
     batch_size: int = 256,
     on_corrupt: str = "skip",
     overwrite: bool = False,
+    pixels: str = "uint8",
 ) -> list[WrittenShard]:
     """Write ``source`` (or its rows ``indices``) as shard files ``<prefix>-000.npz`` ... into ``landing_dir``.
 
     Give exactly one of ``n_shards`` (near-equal contiguous parts) or ``rows_per_shard``. ``seed``
     shuffles the rows first (``None`` keeps the source order). Shards are written one after the other,
     each streamed batch by batch through a temporary memory map next to it: memory is bounded by
-    ``batch_size`` images. Each file holds ``images`` (float32 N x C x H x W), ``labels`` (int64, plus
+    ``batch_size`` images. Each file holds ``images`` (N x C x H x W: by default the 8-bit pixels with
+    the transform's per-channel decode, ``pixel_scale`` and ``pixel_offset``, a quarter of the bytes;
+    ``pixels="float32"``: the transformed float32 values), ``labels`` (int64, plus
     ``classes``) for classification or ``targets`` (float32) for regression, and ``source_ids``
     (row -> the source's sample id); :func:`skmm_pipeline.data.shards.read_shard` reads it as usual.
 
@@ -116,6 +134,7 @@ def write_shards(
     file (its entry has ``rows == 0``; logged).
     """
     _check_on_corrupt(on_corrupt)
+    _check_pixels(pixels)
     idx = source._indices(indices)
     if idx.size == 0:
         raise DataError("nothing to write: no rows selected")
@@ -142,7 +161,7 @@ def write_shards(
     parts = [np.sort(p) for p in parts]
     written = []
     for name, path, part in zip(names, paths, parts):
-        rows, skipped = _write_rows(source, path, part, batch_size, on_corrupt, landing_dir)
+        rows, skipped = _write_rows(source, path, part, batch_size, on_corrupt, landing_dir, pixels)
         if rows:
             _log_skipped(f"shard {name}", skipped, len(part))
         else:
@@ -152,18 +171,20 @@ def write_shards(
     return written
 
 
-def write_split(source: ImageSource, path, indices=None, *, batch_size: int = 256, on_corrupt: str = "skip") -> WrittenShard:
+def write_split(source: ImageSource, path, indices=None, *, batch_size: int = 256, on_corrupt: str = "skip",
+                pixels: str = "uint8") -> WrittenShard:
     """Write one split (e.g. validation or test) as a single file in the shard format, streamed like
     :func:`write_shards`. Keep such files out of the landing folder: the sensor takes every ``*.npz``
     there for a pool shard."""
     _check_on_corrupt(on_corrupt)
+    _check_pixels(pixels)
     path = Path(path)
     check_shard_name(path.stem)
     idx = source._indices(indices)
     if idx.size == 0:
         raise DataError("nothing to write: no rows selected")
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, skipped = _write_rows(source, path, idx, batch_size, on_corrupt, path.parent)
+    rows, skipped = _write_rows(source, path, idx, batch_size, on_corrupt, path.parent, pixels)
     if not rows:
         raise DataError(f"split {path.stem}: none of its {idx.size} images is readable in {source.kind} {source.location}")
     _log_skipped(f"split {path.stem}", skipped, idx.size)
