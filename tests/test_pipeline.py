@@ -24,6 +24,7 @@ from skmm_pipeline.definitions import COMPOSABLE_ASSETS, build_definitions
 from skmm_pipeline.definitions import PIPELINE_ASSETS as ALL_ASSETS
 from skmm_pipeline.defs.ingest import shard_partitions
 from skmm_pipeline.defs.resources import SkmmSettings
+from skmm_pipeline.defs.sketch import make_sketcher
 from skmm_pipeline.demo import SetupError, run_demo
 from skmm_pipeline.evaluation import EvalData
 from skmm_pipeline.models.backbones import load_backbone
@@ -257,6 +258,8 @@ def test_ft2_sketch_asset_equals_the_engine_with_balanced_blocks(project, labels
                           block_scales=scales, model_id=ident["model_id"], device="cpu")
     assert np.array_equal(sk.sketch(data.images, sample_ids=data.ids), np.asarray(shard.rows))
     assert len(EvalData(ws.evaluation).val.images) >= 64
+    with pytest.raises(ConfigError, match="class_probes must be >= 0"):
+        make_sketcher(model, SkmmSettings(class_probes=-1), ws, "model", "cpu")
 
 
 def test_outlier_guard_in_the_pipeline_sets_aside_noise_images(versioned_project):

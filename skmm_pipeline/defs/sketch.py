@@ -81,6 +81,8 @@ def write_sketch(stem: Path, sketcher, shard, settings: SkmmSettings) -> None:
 
 def make_sketcher(model, settings: SkmmSettings, workspace: Workspace, model_id: str, device):
     """The run's one :class:`GradientSketcher`, configured by the settings."""
+    if settings.class_probes < 0:
+        raise ConfigError(f"settings.class_probes must be >= 0 (0: every class direction), got {settings.class_probes}")
     config = SketchConfig(
         settings.sketch_dim, kind=settings.sketch_kind, layers=settings.sketch_layers, label_mode=settings.label_mode,
         draws=settings.label_draws, block_scales=block_scales_for(model, settings, workspace, device),
