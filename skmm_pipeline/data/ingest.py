@@ -21,12 +21,12 @@ from skmm_pipeline.data.contract import ShardHashes
 from skmm_pipeline.data.shards import ShardError, check_shard_name
 from skmm_pipeline.data.vision import (
     CIFAR10,
-    PIXELS,
     SMALL_CNN_TRANSFORM,
     DataError,
     ImageCSV,
     ImageFolder,
     ImageTransform,
+    check_pixels,
     split_indices,
     write_shards,
     write_split,
@@ -71,8 +71,7 @@ class ImportRequest:
             raise DataError("val_fraction + test_fraction must leave some rows for the pool")
         if self.role != "pool" and (self.val_fraction or self.test_fraction):
             raise DataError(f"val_fraction/test_fraction only apply to role 'pool', not {self.role!r}")
-        if self.pixels not in PIXELS:
-            raise DataError(f"pixels must be one of {PIXELS}, got {self.pixels!r}")
+        check_pixels(self.pixels)
         if self.name:
             check_shard_name(f"{self.name}-000")
         return self

@@ -44,8 +44,9 @@ class PixelDecode:
 
     @classmethod
     def checked(cls, scale, offset, channels: int, what: str) -> "PixelDecode":
-        scale = np.asarray(scale, dtype=np.float32).reshape(-1)
-        offset = np.asarray(offset, dtype=np.float32).reshape(-1)
+        scale = np.array(scale, dtype=np.float32).reshape(-1)  # own read-only copies: decodes are shared
+        offset = np.array(offset, dtype=np.float32).reshape(-1)
+        scale.flags.writeable = offset.flags.writeable = False
         if scale.shape != (channels,) or offset.shape != (channels,):
             raise ShardError(f"{what}: pixel_scale and pixel_offset need one value per channel ({channels}), got "
                              f"{scale.shape[0]} and {offset.shape[0]}")

@@ -3,6 +3,7 @@ pixels and the per-channel map to those values (what 8-bit shards store)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,10 +67,7 @@ class ImageTransform:
     def decode(self) -> PixelDecode:
         """The per-channel map of an 8-bit pixel ``u8`` (:meth:`encode`) to its normalised value,
         ``u8 * 1/(255 std) + (-mean/std)``: what 8-bit shards store with their pixels."""
-        C = self.channels
-        std = np.broadcast_to(np.asarray(self.std, dtype=np.float64), (C,))
-        mean = np.broadcast_to(np.asarray(self.mean, dtype=np.float64), (C,))
-        return PixelDecode.checked(1.0 / (255.0 * std), -mean / std, C, "ImageTransform")
+        return _decode(tuple(self.mean), tuple(self.std), self.channels)
 
     def encode(self, image) -> np.ndarray:
         """PIL image -> uint8 ``(C, H, W)``: converted, resized and centre-cropped, not yet normalised."""
@@ -96,6 +94,14 @@ class ImageTransform:
             if (left, top, new[0], new[1]) != (0, 0, W, H):
                 img = img.crop((left, top, left + W, top + H))
         return img
+
+
+@functools.lru_cache(maxsize=64)
+def _decode(mean: tuple, std: tuple, channels: int) -> PixelDecode:
+    """:meth:`ImageTransform.decode`, built once per normalisation (the transform runs per image)."""
+    std_ = np.broadcast_to(np.asarray(std, dtype=np.float64), (channels,))
+    mean_ = np.broadcast_to(np.asarray(mean, dtype=np.float64), (channels,))
+    return PixelDecode.checked(1.0 / (255.0 * std_), -mean_ / std_, channels, "ImageTransform")
 
 
 # The embedded small CNN's input: 8 x 8 grey in [0, 1], like scikit-learn's digits.

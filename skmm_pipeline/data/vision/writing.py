@@ -53,7 +53,7 @@ class WrittenShard:
 PIXELS = ("uint8", "float32")
 
 
-def _check_pixels(pixels: str) -> bool:
+def check_pixels(pixels: str) -> bool:
     """Whether shards store 8-bit pixels (``"uint8"``) rather than the model's float32 inputs."""
     if pixels not in PIXELS:
         raise DataError(f"pixels must be one of {PIXELS}, got {pixels!r}")
@@ -65,7 +65,7 @@ def _write_rows(source: ImageSource, path: Path, indices: np.ndarray, batch_size
     """Stream ``indices`` of ``source`` into one npz file through an on-disk spool (bounded memory).
     Writes nothing and returns 0 rows when none of the images is readable. ``pixels="uint8"`` stores
     the 8-bit images and the transform's decode (``data.shards.PixelDecode``)."""
-    raw = _check_pixels(pixels)
+    raw = check_pixels(pixels)
     images = None
     targets = np.empty(len(indices), dtype=source.targets.dtype)
     ids: list[str] = []
@@ -134,7 +134,7 @@ def write_shards(
     file (its entry has ``rows == 0``; logged).
     """
     _check_on_corrupt(on_corrupt)
-    _check_pixels(pixels)
+    check_pixels(pixels)
     idx = source._indices(indices)
     if idx.size == 0:
         raise DataError("nothing to write: no rows selected")
@@ -177,7 +177,7 @@ def write_split(source: ImageSource, path, indices=None, *, batch_size: int = 25
     :func:`write_shards`. Keep such files out of the landing folder: the sensor takes every ``*.npz``
     there for a pool shard."""
     _check_on_corrupt(on_corrupt)
-    _check_pixels(pixels)
+    check_pixels(pixels)
     path = Path(path)
     check_shard_name(path.stem)
     idx = source._indices(indices)
